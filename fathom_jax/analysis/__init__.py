@@ -1,0 +1,1 @@
+"""HLO and trace parsing, op categorisation and reports."""

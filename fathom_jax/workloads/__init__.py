@@ -1,0 +1,1 @@
+"""The eight Fathom workloads; see `registry` for the name -> workload mapping."""

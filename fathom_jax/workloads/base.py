@@ -1,0 +1,60 @@
+"""The interface every workload implements.
+
+A workload is a name, a frozen config dataclass with named size presets, and `build(config, dtype)`,
+which returns a `Model`: pure functions closed over the config. Training and inference steps are
+assembled from a `Model` by the shared runner (`fathom_jax.runner`), never by the workloads.
+"""
+
+import dataclasses
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import optax
+
+Batch = Mapping[str, jax.Array]
+Variables = Mapping[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """A workload bound to one config and compute dtype.
+
+  init(rng, batch) -> variables: {'params': ..., plus any non-trainable collections}.
+  apply(variables, batch, *, train, rng) -> (outputs, state_updates): `state_updates` holds the
+    non-trainable collections the call changed (e.g. batch statistics), {} if none. With
+    train=False, outputs are the inference results (logits, decoded sequences, ...).
+  loss(outputs, batch) -> (scalar loss, metrics dict).
+  optimizer: the optax transformation used for training.
+  synthetic_batch(rng, batch_size) -> batch with the real data's shapes, dtypes and value ranges.
+  on_update(variables, step) -> variables: optional hook run inside the jitted train step after
+    the optimizer update (e.g. copying DQN's target network every N updates).
+  """
+  init: Callable[..., Variables]
+  apply: Callable[..., tuple[Any, Variables]]
+  loss: Callable[[Any, Batch], tuple[jax.Array, dict]]
+  optimizer: optax.GradientTransformation
+  synthetic_batch: Callable[[jax.Array, int], Batch]
+  on_update: Optional[Callable[[Variables, jax.Array], Variables]] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+  """A registry entry.
+
+  presets: name -> config instance ('paper' is the paper's sizes; 'small', 'tiny' for quick runs).
+  build(config, dtype) -> Model; dtype is the compute dtype ('float32' or 'bfloat16'); parameters
+    and optimizer state stay float32.
+  load_data(config, path) -> (data source, config): reads the real dataset format at `path`; the
+    returned config carries what the data decides (e.g. vocabulary size).
+  default_source(config, model) -> data source used when no path is given (synthetic otherwise);
+    a source may define `observe(state)`, which the runner calls before each batch with the
+    latest train state (or inference variables), e.g. for an agent acting in an environment.
+  """
+  name: str
+  description: str
+  config_cls: type
+  presets: Mapping[str, Any]
+  build: Callable[[Any, str], Model]
+  load_data: Optional[Callable[[Any, str], tuple[Any, Any]]] = None
+  default_source: Optional[Callable[[Any, Model], Any]] = None
+  example_unit: str = "examples"

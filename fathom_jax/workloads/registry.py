@@ -1,0 +1,44 @@
+"""Workload names -> workloads. Modules are imported on first use, so a run pays only for the
+workloads it asks for."""
+
+import importlib
+import importlib.util
+
+from fathom_jax.errors import UsageError
+from fathom_jax.workloads import base
+
+# Paper order (Fathom, IISWC 2016, Table I).
+_MODULES = {
+    "seq2seq": "fathom_jax.workloads.seq2seq",
+    "memnet": "fathom_jax.workloads.memnet",
+    "speech": "fathom_jax.workloads.speech",
+    "autoenc": "fathom_jax.workloads.autoenc",
+    "residual": "fathom_jax.workloads.residual",
+    "vgg": "fathom_jax.workloads.vgg",
+    "alexnet": "fathom_jax.workloads.alexnet",
+    "deepq": "fathom_jax.workloads.deepq",
+}
+
+
+def available() -> list[str]:
+  """Names of the workloads whose module is present in this installation."""
+  return [name for name, module in _MODULES.items() if importlib.util.find_spec(module)]
+
+
+def get(name: str) -> base.Workload:
+  if name not in _MODULES or name not in available():
+    raise UsageError(f"unknown workload {name!r}; workloads are: {', '.join(available())}")
+  return importlib.import_module(_MODULES[name]).WORKLOAD
+
+
+def expand(names: str) -> list[str]:
+  """'all', one name, or a comma list -> validated list of names."""
+  names = names.strip()
+  if names == "all":
+    return available()
+  wanted = [n.strip() for n in names.split(",") if n.strip()]
+  if not wanted:
+    raise UsageError("--workload is empty; give a name, a comma list or 'all'")
+  for n in wanted:
+    get(n)
+  return wanted

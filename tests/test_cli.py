@@ -1,0 +1,105 @@
+"""The command line end to end: a real run writes a valid result; bad input exits 2 in one line."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, cwd=None):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, os.path.join(ROOT, "run.py"), *args],
+                        capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+def test_tiny_run_writes_valid_result(tmp_path):
+  out = tmp_path / "runs"
+  proc = run_cli("--workload=memnet,autoenc", "--preset=tiny", "--mode=both", "--steps=3",
+                 "--warmup_steps=1", f"--output_dir={out}", "--override=embed_dim=4")
+  # embed_dim is not an autoenc field: resolved before anything runs, so nothing is written.
+  assert proc.returncode == 2 and "unknown config field 'embed_dim'" in proc.stderr
+  assert not out.exists() or not os.listdir(out)
+
+  proc = run_cli("--workload=memnet,autoenc", "--preset=tiny", "--mode=both", "--steps=3",
+                 "--warmup_steps=1", f"--output_dir={out}", "--seed=7")
+  assert proc.returncode == 0, proc.stderr
+  run_dirs = sorted(os.listdir(out))
+  assert len(run_dirs) == 4
+  records = [json.load(open(out / d / "result.json")) for d in run_dirs]
+  by_key = {(r["workload"], r["mode"]): r for r in records}
+  assert set(by_key) == {(w, m) for w in ("memnet", "autoenc") for m in ("train", "infer")}
+  train = by_key[("memnet", "train")]
+  assert train["schema_version"] == 1 and train["status"] == "completed"
+  assert train["config"]["batch_size"] == 8 and train["spec"]["seed"] == 7
+  assert train["environment"]["backend"] == "cpu" and train["environment"]["jax"]
+  f = train["figures"]
+  assert len(f["step_times_s"]) == 3 and len(f["losses"]) == 3
+  assert f["step_time_s"]["p10"] <= f["step_time_s"]["median"] <= f["step_time_s"]["p90"]
+  assert f["compile_time_s"] > 0 and f["flops_per_step"] > 0 and f["examples_per_s"] > 0
+  assert "step time" in proc.stdout and "compile" in proc.stdout
+  assert not [n for d in run_dirs for n in os.listdir(out / d) if n.startswith(".tmp")]
+
+
+def test_flagfile_and_batch_size(tmp_path):
+  flagfile = tmp_path / "flags.txt"
+  flagfile.write_text(f"--workload=autoenc\n--preset=tiny\n--steps=2\n--batch_size=5\n"
+                      f"--output_dir={tmp_path / 'runs'}\n--quiet\n")
+  proc = run_cli(f"--flagfile={flagfile}")
+  assert proc.returncode == 0, proc.stderr
+  (run_dir,) = os.listdir(tmp_path / "runs")
+  record = json.load(open(tmp_path / "runs" / run_dir / "result.json"))
+  assert record["config"]["batch_size"] == 5
+  assert "warm-up" not in proc.stdout  # --quiet keeps only the summary
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workload=resnet"], "unknown workload 'resnet'; workloads are:"),
+    (["--workload=memnet", "--preset=huge"], "unknown preset 'huge'"),
+    (["--workload=memnet", "--batch_size=0"], "--batch_size must be positive"),
+    (["--workload=memnet", "--steps=0"], "--steps must be positive"),
+    (["--workload=memnet", "--steps=ten"], "--steps"),
+    (["--workload=memnet", "--mode=serve"], "--mode"),
+    (["--workload=memnet", "--dtype=float16"], "--dtype"),
+    (["--workload=memnet", "--backend=quantum"], "--backend"),
+    (["--workload=memnet", "--backend=tpu"], "backend 'tpu' is not available"),
+    (["--workload=memnet", "--data=/no/such/path"], "does not exist"),
+    (["--workload=memnet", "--override=hops=0"], "must be positive"),
+    (["--workload=memnet", "--override=hops"], "not of the form field=value"),
+    (["--workload=memnet", "--override=hops=two"], "wants an integer"),
+    (["--workload=memnet", "--no_such_flag=1"], "no_such_flag"),
+    (["--workload=memnet", "extra"], "unexpected arguments"),
+    (["--workload=,"], "--workload is empty"),
+])
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
+  proc = run_cli(*args, f"--output_dir={tmp_path / 'runs'}")
+  assert proc.returncode == 2, (proc.returncode, proc.stderr)
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and message in lines[0], proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not (tmp_path / "runs").exists()
+
+
+def test_wrong_data_format_exits_2(tmp_path):
+  bad = tmp_path / "story_train.txt"
+  bad.write_text("this is not babi\n")
+  proc = run_cli("--workload=memnet", "--preset=tiny", f"--data={bad}",
+                 f"--output_dir={tmp_path / 'runs'}")
+  assert proc.returncode == 2
+  assert "story_train.txt:1: malformed bAbI line" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_real_data_run(tmp_path):
+  from tests.test_memnet import BABI
+  (tmp_path / "qa1_train.txt").write_text(BABI)
+  proc = run_cli("--workload=memnet", "--preset=tiny", f"--data={tmp_path}", "--steps=2",
+                 f"--output_dir={tmp_path / 'runs'}")
+  assert proc.returncode == 0, proc.stderr
+  (run_dir,) = os.listdir(tmp_path / "runs")
+  record = json.load(open(tmp_path / "runs" / run_dir / "result.json"))
+  assert record["data"]["kind"] == "real" and record["data"]["examples"] == 3
+  assert record["config"]["vocab_size"] == 17

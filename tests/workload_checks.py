@@ -1,0 +1,61 @@
+"""Checks every workload must pass, shared by the per-workload test modules."""
+
+import jax
+import numpy as np
+
+from fathom_jax import config as config_lib
+from fathom_jax import runner
+from fathom_jax.workloads import registry
+
+
+def build(name: str, preset: str = "tiny", dtype: str = "float32", **changes):
+  workload = registry.get(name)
+  config = workload.presets[preset]
+  if changes:
+    config = config_lib.replace(config, **changes)
+  return config, workload.build(config, dtype)
+
+
+def parameter_count(name: str, preset: str = "paper", **changes) -> int:
+  _, model = build(name, preset, **changes)
+  return runner.count_parameters(model)
+
+
+def train_losses(model, batch_size: int, steps: int, seed: int = 0, jit: bool = True):
+  """Losses of `steps` train steps on one fixed synthetic batch."""
+  batch = model.synthetic_batch(jax.random.key(seed + 1), batch_size)
+  state = runner.init_train_state(model, jax.random.key(seed), batch)
+  step = runner.make_train_step(model)
+  if jit:
+    step = jax.jit(step)
+  losses = []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    losses.append(float(metrics["loss"]))
+  return np.asarray(losses)
+
+
+def assert_loss_falls(model, batch_size: int, steps: int = 40, factor: float = 0.9):
+  losses = train_losses(model, batch_size, steps)
+  assert np.all(np.isfinite(losses)), losses
+  assert losses[-5:].mean() < factor * losses[:3].mean(), losses
+
+
+def assert_deterministic(model, batch_size: int, steps: int = 3):
+  a = train_losses(model, batch_size, steps, seed=3)
+  b = train_losses(model, batch_size, steps, seed=3)
+  np.testing.assert_array_equal(a, b)
+  c = train_losses(model, batch_size, steps, seed=4)
+  assert not np.array_equal(a, c)
+
+
+def assert_jit_matches_eager(model, batch_size: int, steps: int = 2, rtol: float = 1e-4):
+  jitted = train_losses(model, batch_size, steps, jit=True)
+  eager = train_losses(model, batch_size, steps, jit=False)
+  np.testing.assert_allclose(jitted, eager, rtol=rtol)
+
+
+def infer_outputs(model, batch_size: int, seed: int = 0):
+  batch = model.synthetic_batch(jax.random.key(seed + 1), batch_size)
+  variables = model.init(jax.random.key(seed), batch)
+  return runner.make_infer_step(model)(variables, batch, jax.random.key(seed + 2))
