@@ -66,7 +66,7 @@ def main(argv: list[str]) -> None:
     from fathom_jax import environment
     environment.select_devices(FLAGS.backend)
     for spec, res in zip(specs, resolved):
-      runner.execute(spec, res)
+      print(runner.format_summary(runner.execute(spec, res)), flush=True)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

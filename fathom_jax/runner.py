@@ -37,7 +37,7 @@ class RunSpec:
   data: str = "synthetic"
   output_dir: Optional[str] = "runs"
   backend: Optional[str] = None
-  quiet: bool = False  # no progress lines; the summary is always printed
+  quiet: bool = False  # no progress lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,7 +307,6 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
   if run_dir:
     record["run_dir"] = run_dir
     results.write_json_atomic(os.path.join(run_dir, results.RESULT_FILE), record)
-  print(format_summary(record), flush=True)
   return record
 
 
