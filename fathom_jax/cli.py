@@ -24,6 +24,18 @@ flags.DEFINE_string("data", "synthetic", "'synthetic', or the path of a real dat
 flags.DEFINE_string("output_dir", "runs", "Folder that receives one run folder per run.")
 flags.DEFINE_multi_string("override", [], "Config field override, field=value; repeatable.")
 flags.DEFINE_bool("quiet", False, "Print only the summaries.")
+flags.DEFINE_integer("num_devices", None,
+                     "Devices to run data-parallel over (global batch sharded, parameters "
+                     "replicated); default: all devices of the backend.")
+flags.DEFINE_integer("cpu_devices", None,
+                     "Split the host CPU into this many JAX devices (for data-parallel runs on one "
+                     "machine).")
+flags.DEFINE_bool("distributed", False,
+                  "Join a multi-host run with jax.distributed.initialize; on TPU VMs and managed "
+                  "clusters its defaults are detected, elsewhere give the three flags below.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
+flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -40,6 +52,28 @@ def parse_flags(argv: list[str]) -> list[str]:
   return rest
 
 
+def _start_backends() -> None:
+  """Settings that must precede JAX's first use of a backend."""
+  import jax
+  if FLAGS.cpu_devices is not None:
+    if FLAGS.cpu_devices < 1:
+      raise UsageError(f"--cpu_devices must be positive, got {FLAGS.cpu_devices}")
+    jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
+  multi_host = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if FLAGS.distributed or any(v is not None for v in multi_host):
+    if FLAGS.num_processes is not None and FLAGS.num_processes < 1:
+      raise UsageError(f"--num_processes must be positive, got {FLAGS.num_processes}")
+    if FLAGS.process_id is not None and FLAGS.num_processes is not None and not (
+        0 <= FLAGS.process_id < FLAGS.num_processes):
+      raise UsageError(f"--process_id must be in [0, {FLAGS.num_processes}), got "
+                       f"{FLAGS.process_id}")
+    try:
+      jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                                 num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    except (ValueError, RuntimeError) as e:
+      raise UsageError(f"cannot join the multi-host run: {str(e).splitlines()[0]}") from None
+
+
 def specs_from_flags() -> list:
   from fathom_jax import runner
   from fathom_jax.workloads import registry
@@ -49,7 +83,7 @@ def specs_from_flags() -> list:
           workload=name, mode=mode, preset=FLAGS.preset, overrides=tuple(FLAGS.override),
           batch_size=FLAGS.batch_size, steps=FLAGS.steps, warmup_steps=FLAGS.warmup_steps,
           seed=FLAGS.seed, dtype=FLAGS.dtype, data=FLAGS.data, output_dir=FLAGS.output_dir,
-          backend=FLAGS.backend, quiet=FLAGS.quiet)
+          backend=FLAGS.backend, num_devices=FLAGS.num_devices, quiet=FLAGS.quiet)
       for name in registry.expand(FLAGS.workload) for mode in modes
   ]
 
@@ -58,15 +92,19 @@ def main(argv: list[str]) -> None:
   del argv  # parse_flags rejects positional arguments
   # JAX logs each backend it fails to find (e.g. no libtpu) at INFO; that is not news to a user.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  import jax
   from fathom_jax import runner
   try:
+    _start_backends()
     specs = specs_from_flags()
     # Resolve every run first, so a bad preset or path fails before anything is written.
     resolved = [runner.resolve(spec) for spec in specs]
     from fathom_jax import environment
     environment.select_devices(FLAGS.backend)
     for spec, res in zip(specs, resolved):
-      print(runner.format_summary(runner.execute(spec, res)), flush=True)
+      record = runner.execute(spec, res)
+      if jax.process_index() == 0:
+        print(runner.format_summary(record), flush=True)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

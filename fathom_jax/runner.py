@@ -37,6 +37,7 @@ class RunSpec:
   data: str = "synthetic"
   output_dir: Optional[str] = "runs"
   backend: Optional[str] = None
+  num_devices: Optional[int] = None  # data-parallel width; default: every device of the backend
   quiet: bool = False  # no progress lines
 
 
@@ -209,6 +210,53 @@ def _batches(source, batch_size: int, seed: int, train: bool) -> Iterator:
   return iterator if isinstance(source, data_lib.SyntheticSource) else data_lib.prefetch(iterator)
 
 
+# ---------------------------------------------------------------------------------------------
+# Data parallelism: a 1-D mesh over the devices; batches sharded on their leading axis, state
+# replicated, so XLA reduces the gradients with collectives.
+
+DATA_AXIS = "data"
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  mesh: jax.sharding.Mesh
+  batch: jax.sharding.NamedSharding
+  replicated: jax.sharding.NamedSharding
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.devices.size
+
+
+def make_placement(devices: Sequence, num_devices: Optional[int], batch_size: int) -> Placement:
+  n = len(devices) if num_devices is None else num_devices
+  if not 1 <= n <= len(devices):
+    raise UsageError(f"--num_devices must be between 1 and {len(devices)} (the "
+                     f"{devices[0].platform} devices present), got {n}")
+  if batch_size % n:
+    raise UsageError(f"global batch {batch_size} does not divide evenly over {n} devices")
+  if batch_size % jax.process_count():
+    raise UsageError(f"global batch {batch_size} does not divide evenly over "
+                     f"{jax.process_count()} processes")
+  mesh = jax.sharding.Mesh(np.asarray(devices[:n]), (DATA_AXIS,))
+  P = jax.sharding.PartitionSpec
+  return Placement(mesh, jax.sharding.NamedSharding(mesh, P(DATA_AXIS)),
+                   jax.sharding.NamedSharding(mesh, P()))
+
+
+def place_batch(batch, placement: Placement):
+  """Global numpy batch -> global jax arrays; each process contributes only its own slice."""
+  count, index = jax.process_count(), jax.process_index()
+
+  def put(x):
+    x = np.asarray(x)
+    local = x.shape[0] // count
+    return jax.make_array_from_process_local_data(
+        placement.batch, x[index * local:(index + 1) * local], x.shape)
+
+  return jax.tree.map(put, batch)
+
+
 def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
   """Runs one workload in one mode and returns its result record (also written to disk when
   `spec.output_dir` is set)."""
@@ -216,26 +264,32 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
   devices = environment.select_devices(spec.backend)
   device = devices[0]
   model, source, batch_size = resolved.model, resolved.source, resolved.batch_size
+  placement = make_placement(devices, spec.num_devices, batch_size)
   train = spec.mode == "train"
   say = _Printer(f"{spec.workload} {spec.mode}", spec.quiet)
+  writes = spec.output_dir and jax.process_index() == 0  # one writer per multi-host run
   run_dir = (results.new_run_dir(spec.output_dir, spec.workload, spec.mode, spec.preset)
-             if spec.output_dir else None)
+             if writes else None)
 
   batches = _batches(source, batch_size, spec.seed, train)
-  put = lambda b: jax.device_put(b, device)
+  put = lambda b: place_batch(b, placement)
   first = put(next(batches))
-  rng = jax.device_put(jax.random.key(spec.seed), device)
+  replicated = placement.replicated
+  # Keys are made inside jit: a host-side key cannot be placed on other hosts' devices.
+  make_key = jax.jit(lambda: jax.random.key(spec.seed), out_shardings=replicated)
 
   with jax.default_device(device):
     if train:
-      state = jax.jit(init_train_state, static_argnums=0)(model, rng, first)
-      step_fn = jax.jit(make_train_step(model), donate_argnums=0)
+      state = jax.jit(init_train_state, static_argnums=0, out_shardings=replicated)(
+          model, make_key(), first)
+      step_fn = jax.jit(make_train_step(model), donate_argnums=0, out_shardings=replicated)
       t0 = time.perf_counter()
       lowered = step_fn.lower(state, first)
     else:
-      variables = jax.jit(model.init)(rng, first)
+      rng = make_key()
+      variables = jax.jit(model.init, out_shardings=replicated)(rng, first)
       step_fn = jax.jit(make_infer_step(model))
-      infer_rng = jax.random.fold_in(rng, 1)
+      infer_rng = jax.jit(lambda k: jax.random.fold_in(k, 1), out_shardings=replicated)(rng)
       t0 = time.perf_counter()
       lowered = step_fn.lower(variables, first, infer_rng)
     t1 = time.perf_counter()
@@ -302,6 +356,9 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
       "example_unit": resolved.workload.example_unit,
       "data": source.summary(),
       "environment": environment.describe(devices),
+      "parallelism": {"num_devices": placement.num_devices, "mesh_axes": [DATA_AXIS],
+                      "num_processes": jax.process_count(),
+                      "per_device_batch": batch_size // placement.num_devices},
       "figures": figures,
   }
   if run_dir:
