@@ -133,6 +133,9 @@ def resolve(spec: RunSpec) -> Resolved:
     if spec.batch_size <= 0:
       raise UsageError(f"--batch_size must be positive, got {spec.batch_size}")
     config = config_lib.replace(config, batch_size=spec.batch_size)
+  elif spec.mode == "infer" and getattr(config, "infer_batch_size", None):
+    # A config may infer at another batch than it trains (deepq acts on one state at a time).
+    config = config_lib.replace(config, batch_size=config.infer_batch_size)
   source = None
   if spec.data != "synthetic":
     if workload.load_data is None:
@@ -207,7 +210,10 @@ class _Printer:
 
 def _batches(source, batch_size: int, seed: int, train: bool) -> Iterator:
   iterator = source.batches(batch_size, seed=seed, train=train)
-  return iterator if isinstance(source, data_lib.SyntheticSource) else data_lib.prefetch(iterator)
+  # A source that observes the latest state (an agent acting in an environment) must not run ahead.
+  if isinstance(source, data_lib.SyntheticSource) or hasattr(source, "observe"):
+    return iterator
+  return data_lib.prefetch(iterator)
 
 
 # ---------------------------------------------------------------------------------------------
