@@ -131,16 +131,25 @@ class FrameStack:
   """
 
   def __init__(self, history: int = 4, size: int = FRAME_SIZE):
-    self.state = np.zeros((size, size, history), np.uint8)
+    self._frames = np.zeros((history, size, size), np.uint8)  # oldest first; shifts are cheap
+
+  @property
+  def state(self) -> np.ndarray:
+    """[size, size, history] view, channels last as the network takes it."""
+    return np.moveaxis(self._frames, 0, -1)
+
+  @property
+  def newest(self) -> np.ndarray:
+    return self._frames[-1]
 
   def reset(self, frame: np.ndarray) -> np.ndarray:
-    self.state[:] = 0
-    self.state[..., -1] = frame
+    self._frames[:-1] = 0
+    self._frames[-1] = frame
     return self.state
 
   def push(self, frame: np.ndarray) -> np.ndarray:
-    self.state[..., :-1] = self.state[..., 1:]
-    self.state[..., -1] = frame
+    self._frames[:-1] = self._frames[1:]
+    self._frames[-1] = frame
     return self.state
 
 
@@ -149,10 +158,15 @@ def env_seeds(seed: int, count: int) -> list[int]:
   return [int(s) % (2**31) for s in np.random.SeedSequence([seed, 0xA7A21]).generate_state(count)]
 
 
+def check_actions(game: str, have: int, num_actions: int) -> None:
+  if have != num_actions:
+    raise UsageError(f"{game} has {have} actions but the network has {num_actions} outputs; "
+                     f"set num_actions={have}")
+
+
 def make_env(config: EnvConfig, seed: int, num_actions: Optional[int] = None) -> AtariEnv:
   """An environment, checked against the network's number of outputs."""
   env = AtariEnv(config, seed)
-  if num_actions is not None and env.num_actions != num_actions:
-    raise UsageError(f"{config.game} has {env.num_actions} actions but the network has "
-                     f"{num_actions} outputs; set num_actions={env.num_actions}")
+  if num_actions is not None:
+    check_actions(config.game, env.num_actions, num_actions)
   return env

@@ -116,6 +116,24 @@ def test_frame_stack_starts_with_zeros():
   assert list(stack.push(f(7))[0, 0]) == [0, 5, 6, 7]
 
 
+def test_agent_acts_greedily_on_the_states_it_stores():
+  # Epsilon reaches 0 one step after the fill: later actions are the argmax of the observed
+  # network's Q-values, on exactly the states the replay memory rebuilds for those steps.
+  config, model = checks.build("deepq", learning_starts=20, epsilon_end=0.0,
+                               epsilon_decay_steps=1)
+  source = deepq.AgentSource(config, model)
+  batches = source.batches(4, seed=0, train=True)
+  variables = model.init(jax.random.key(0), next(batches))
+  source.observe(variables)
+  for _ in range(3):
+    next(batches)
+  assert source.env_steps == 20 + 4 * 4 and source.greedy_actions == 4 * 3
+  states = source.replay.stack(np.arange(24, 36))
+  q, _ = model.apply(variables, {"obs": states}, train=False, rng=None)
+  np.testing.assert_array_equal(source.replay.actions[24:36], np.argmax(q, -1))
+  assert states[..., -1].any()  # real screens, not placeholders
+
+
 def _train(seed: int):
   spec = runner.RunSpec(workload="deepq", preset="tiny", steps=20, warmup_steps=2, seed=seed,
                         output_dir=None, quiet=True)
@@ -162,6 +180,7 @@ def test_data_path_is_a_usage_error(tmp_path):
     ("epsilon_end=2", "epsilon"),
     ("replay_capacity=3", "replay_capacity"),
     ("gamma=1.5", "gamma"),
+    ("num_actions=5", "breakout has 4 actions"),
 ])
 def test_bad_config_is_a_usage_error(override, message):
   with pytest.raises(UsageError, match=message):

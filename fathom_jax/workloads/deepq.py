@@ -197,7 +197,7 @@ class _Player:
 
   def step(self, action: int) -> Optional[float]:
     """Plays one action; returns the game's score when the game ended, else None."""
-    frame = self.stack.state[..., -1].copy()
+    frame = self.stack.newest.copy()
     step = self.env.step(action)
     if self.replay is not None:
       self.replay.add(frame, action, atari.clip_reward(step.reward), step.terminal)
@@ -222,22 +222,29 @@ class AgentSource:
   """
 
   def __init__(self, config: Config, model: base.Model):
+    # Fail on a wrong game or action count now, before anything is compiled or run.
+    atari.make_env(env_config(config), 0, config.num_actions)
     self.config = config
     self._act = jax.jit(lambda params, obs: jnp.argmax(
         model.apply({"params": params}, {"obs": obs}, train=False, rng=None)[0], -1))
+    self._start(players=1, replay=None)
+
+  def _start(self, players: int, replay: Optional[ReplayMemory]) -> None:
     self._params = None
-    self.replay: Optional[ReplayMemory] = None
+    self._players = players  # emulators stepped together, each acting on its own state
+    self.replay = replay
     self.env_steps = 0
     self.batches_out = 0
     self.greedy_actions = 0
-    self.returns: list[float] = []
+    self.returns: list[float] = []  # game scores (unclipped) of finished games
     self._fill: Optional[tuple[int, float]] = None
     self._marks: list[tuple[float, int]] = []  # (time, env steps) at the first and latest observe
 
   def observe(self, state) -> None:
     params = state["params"]
     if self._params is None:  # compile acting before the loop's clock starts
-      obs = np.zeros((1, atari.FRAME_SIZE, atari.FRAME_SIZE, self.config.history), np.uint8)
+      obs = np.zeros((self._players, atari.FRAME_SIZE, atari.FRAME_SIZE, self.config.history),
+                     np.uint8)
       jax.block_until_ready(self._act(params, obs))
     self._params = params
     mark = (time.perf_counter(), self.env_steps)
@@ -267,8 +274,7 @@ class AgentSource:
     act_rng, sample_rng = np.random.default_rng(act_seq), np.random.default_rng(sample_seq)
     c = self.config
     count = 1 if train else batch_size
-    if train:
-      self.replay = ReplayMemory(c.replay_capacity, c.history)
+    self._start(count, ReplayMemory(c.replay_capacity, c.history) if train else None)
     players = [_Player(c, s, act_rng, self.replay) for s in atari.env_seeds(seed, count)]
     return (self._train(players, act_rng, sample_rng, batch_size) if train
             else self._infer(players, act_rng))
@@ -305,7 +311,7 @@ class AgentSource:
         "env_steps": self.env_steps,
         "emulator_frames": self.env_steps * c.frame_skip,
         "episodes": len(self.returns),
-        "episode_returns": recent,
+        "episode_returns": recent,  # the last 100 games
         "mean_return": float(np.mean(recent)) if recent else None,
         "batches": self.batches_out,
         "greedy_actions": self.greedy_actions,
