@@ -1,0 +1,61 @@
+"""python -m fathom_jax.analysis breakdown <trace_dir> [--output_dir=DIR] [--hlo=FILE ...]
+
+Op breakdown of any trace `jax.profiler.trace` wrote: ops.csv, breakdown.json, breakdown.png and a
+printed table. Steps come from step annotations (jax.profiler.StepTraceAnnotation) where present,
+from program executions otherwise. The HLO is the one the trace embeds; HLO text files beside the
+trace (*.optimized.hlo.txt, or XLA's *after_optimizations.txt from --xla_dump_to) or given with
+--hlo serve where it does not. Bad input: one line on stderr, exit status 2.
+"""
+
+import argparse
+import glob
+import os
+import sys
+
+from fathom_jax.errors import UsageError
+
+HLO_PATTERNS = ("*.optimized.hlo.txt", "*after_optimizations.txt")
+
+
+def _hlo_beside(trace_dir: str) -> list[str]:
+  if not os.path.isdir(trace_dir):
+    return []
+  return sorted(p for pattern in HLO_PATTERNS
+                for p in glob.glob(os.path.join(trace_dir, "**", pattern), recursive=True))
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv=None) -> int:
+  parser = _Parser(prog="python -m fathom_jax.analysis",
+                   description="Op-category breakdown of a JAX profiler trace.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  cmd = sub.add_parser("breakdown", help="ops.csv, breakdown.json, breakdown.png and a table")
+  cmd.add_argument("trace_dir", help="a folder jax.profiler.trace wrote (or an .xplane.pb file)")
+  cmd.add_argument("--output_dir", default=None, help="where to write (default: trace_dir)")
+  cmd.add_argument("--hlo", action="append", default=[],
+                   help="HLO text of a program the trace ran (if the trace embeds none)")
+  cmd.add_argument("--title", default="", help="title of the table and figure")
+  args = parser.parse_args(argv)
+
+  from fathom_jax.analysis import breakdown
+  try:
+    hlo_files = args.hlo + _hlo_beside(args.trace_dir)
+    output_dir = args.output_dir or (args.trace_dir if os.path.isdir(args.trace_dir)
+                                     else os.path.dirname(os.path.abspath(args.trace_dir)))
+    result, paths = breakdown.run(args.trace_dir, output_dir, hlo_files, args.title)
+  except UsageError as e:  # DataError included
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(breakdown.format_table(result.summary, args.title))
+  for path in paths.values():
+    print(f"  wrote {path}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,310 @@
+"""Where a run's step time went: op events joined to HLO instructions, attributed, categorised.
+
+Time attribution. Ops run on several threads (and while loops nest their body's events inside
+the loop's own event), so summed durations can exceed the step. Each step window is cut into
+segments at every event boundary; a segment's duration is shared equally by the innermost op
+events active in it (a while/conditional/call event counts only where none of its body's events
+runs). Attributed times therefore add up exactly to the covered time: the union of op intervals
+inside the step, and `coverage` = covered time / step wall time says how much of the step the ops
+explain (the rest is dispatch, synchronisation and idle threads).
+"""
+
+import bisect
+import collections
+import csv
+import dataclasses
+import json
+import os
+from typing import Iterable, Optional
+
+from fathom_jax.analysis import categories, cost, hlo, trace
+from fathom_jax.errors import DataError
+
+CONTAINERS = frozenset({"while", "conditional", "call"})
+OPS_FILE = "ops.csv"
+BREAKDOWN_FILE = "breakdown.json"
+FIGURE_FILE = "breakdown.png"
+UNMATCHED = "(not in HLO)"
+
+
+@dataclasses.dataclass
+class OpStats:
+  program: str
+  name: str
+  occurrences: int = 0
+  attributed_ns: float = 0.0  # share of covered step time (see module docstring)
+  busy_ns: float = 0.0  # summed event durations
+
+
+@dataclasses.dataclass
+class Program:
+  key: str  # '<module>(<program id>)'
+  module: hlo.Module
+  model: cost.CostModel
+
+
+def load_programs(traces: list[trace.Trace], hlo_files: Iterable[str] = ()) -> dict[str, Program]:
+  """Programs from the HLO the traces embed, then from HLO text files (by module name)."""
+  programs = {}
+  for t in traces:
+    for key, text in t.hlo_texts.items():
+      if key not in programs:
+        module = hlo.parse_module(text, f"{t.path}[{key}]")
+        programs[key] = Program(key, module, cost.CostModel(module))
+  for path in hlo_files:
+    module = hlo.parse_file(path)
+    if not any(p.module.name == module.name for p in programs.values()):
+      programs[module.name] = Program(module.name, module, cost.CostModel(module))
+  return programs
+
+
+def _program_for(event: trace.OpEvent, programs: dict[str, Program]) -> Optional[Program]:
+  program = programs.get(f"{event.module}({event.program_id})")
+  if program is None:
+    program = programs.get(event.module)
+  return program
+
+
+def _attribute(window: trace.Window, events: list[trace.OpEvent],
+               is_container: list[bool]) -> tuple[dict[int, float], float]:
+  """Attributed ns per event index inside `window`, and the covered ns."""
+  bounds = []
+  for idx, e in enumerate(events):
+    start, end = max(e.start_ns, window.start_ns), min(e.end_ns, window.end_ns)
+    if end > start:
+      bounds.append((start, 1, idx))
+      bounds.append((end, 0, idx))
+  bounds.sort()
+  active: dict[int, float] = {}
+  share: dict[int, float] = collections.defaultdict(float)
+  covered, last = 0.0, None
+  for t, kind, idx in bounds:
+    if active and last is not None and t > last:
+      span = t - last
+      covered += span
+      leaves = [i for i in active if not is_container[i]]
+      if not leaves:  # only loop/branch events: the innermost one
+        leaves = [max(active, key=lambda i: active[i])]
+      for i in leaves:
+        share[i] += span / len(leaves)
+    last = t
+    if kind == 1:
+      active[idx] = events[idx].start_ns
+    else:
+      active.pop(idx, None)
+  return share, covered
+
+
+@dataclasses.dataclass
+class Breakdown:
+  ops: list[dict]
+  summary: dict
+
+
+def analyse(traces: list[trace.Trace], programs: dict[str, Program],
+            top: int = 15) -> Breakdown:
+  steps = [w for t in traces for w in t.steps]
+  source = "step annotations"
+  events = [e for t in traces for e in t.events]
+  if not events:
+    raise DataError(f"{traces[0].path if traces else 'trace'}: the trace holds no XLA op events "
+                    "(was anything run on a device while it was recorded?)")
+  if not steps:
+    source = "program executions"
+    steps = _merge([w for t in traces for w in t.executions])
+  events.sort(key=lambda e: e.start_ns)
+  insts: list[Optional[hlo.Instruction]] = []
+  progs: list[Optional[Program]] = []
+  for e in events:
+    program = _program_for(e, programs)
+    progs.append(program)
+    insts.append(program.module.instructions.get(e.op) if program else None)
+  is_container = [i is not None and i.opcode in CONTAINERS for i in insts]
+
+  stats: dict[tuple[str, str], OpStats] = {}
+  wall = covered = 0.0
+  step_programs = collections.Counter()
+  starts = [e.start_ns for e in events]
+  longest = max(e.duration_ns for e in events)
+  for window in steps:
+    lo = bisect.bisect_left(starts, window.start_ns - longest)
+    hi = bisect.bisect_right(starts, window.end_ns)
+    idxs = [i for i in range(lo, hi) if events[i].end_ns > window.start_ns]
+    share, cov = _attribute(window, [events[i] for i in idxs], [is_container[i] for i in idxs])
+    wall += window.duration_ns
+    covered += cov
+    for local, i in enumerate(idxs):
+      e = events[i]
+      key = (progs[i].key if progs[i] else f"{e.module}({e.program_id})", e.op)
+      s = stats.setdefault(key, OpStats(*key))
+      inside = e.start_ns >= window.start_ns and e.start_ns < window.end_ns
+      s.occurrences += int(inside)
+      s.attributed_ns += share.get(local, 0.0)
+      s.busy_ns += min(e.end_ns, window.end_ns) - max(e.start_ns, window.start_ns)
+      step_programs[key[0]] += share.get(local, 0.0)
+  if wall <= 0:
+    raise DataError(f"{traces[0].path}: the trace has no step with a positive duration")
+  n_steps = len(steps)
+  if source == "program executions" and step_programs:
+    # Steps are the executions of the program that took the most time; others ran between them.
+    main_key = max(step_programs, key=step_programs.get)
+    n_steps = max(1, sum(main_key in w.name.split("+") for w in steps))
+
+  rows, by_class, by_category = [], collections.Counter(), collections.Counter()
+  unmatched_ns = 0.0
+  for (key, name), s in stats.items():
+    program = programs.get(key) or next((p for p in programs.values()
+                                         if key.startswith(p.module.name + "(")), None)
+    inst = program.module.instructions.get(name) if program else None
+    if inst is None:
+      unmatched_ns += s.attributed_ns
+      shares, category, raw, opcode = {categories.OTHER: 1.0}, UNMATCHED, UNMATCHED, ""
+      flops = nbytes = 0.0
+      source_loc = ""
+    else:
+      shares = categories.class_shares(inst, program.module, program.model)
+      category = categories.refined_category(inst, program.module)
+      raw = categories.xla_category(inst)
+      opcode = inst.opcode
+      c = program.model.instruction(inst.name)
+      # A loop's work is on its body's rows; counting it here too would count it twice.
+      flops, nbytes = (0.0, 0.0) if inst.opcode in CONTAINERS else (c.work, c.bytes)
+      source_loc = inst.source
+    for cls, frac in shares.items():
+      by_class[cls] += s.attributed_ns * frac
+    by_category[category] += s.attributed_ns
+    main_class = max(shares, key=shares.get)
+    rows.append({
+        "program": key, "name": name, "opcode": opcode, "xla_category": category,
+        "xla_category_raw": raw, "fathom_class": main_class,
+        "class_shares": ";".join(f"{c}={f:.3f}" for c, f in sorted(shares.items(),
+                                                                    key=lambda x: -x[1])),
+        "occurrences": s.occurrences, "total_time_us": s.attributed_ns / 1e3,
+        "busy_time_us": s.busy_ns / 1e3,
+        "mean_time_us": s.busy_ns / 1e3 / max(s.occurrences, 1),
+        "flops": flops, "bytes": nbytes, "source": source_loc,
+    })
+  rows.sort(key=lambda r: -r["total_time_us"])
+
+  def table(counter):
+    return {k: {"time_s": v / 1e9, "time_per_step_s": v / 1e9 / n_steps, "share_of_step": v / wall}
+            for k, v in sorted(counter.items(), key=lambda kv: -kv[1])}
+
+  executed_work = sum(r["flops"] * r["occurrences"] for r in rows) / n_steps
+  main_key = max(step_programs, key=step_programs.get) if step_programs else None
+  main = programs.get(main_key) if main_key else None
+  summary = {
+      "steps": n_steps,
+      "step_source": source,
+      "device": ", ".join(sorted({t.device for t in traces})),
+      "step_time_s": wall / 1e9 / n_steps,
+      "wall_time_s": wall / 1e9,
+      "covered_time_s": covered / 1e9,
+      "coverage": covered / wall,
+      "unmatched_share": unmatched_ns / wall,
+      "by_class": table(by_class),
+      "by_xla_category": table(by_category),
+      "programs": sorted(step_programs, key=lambda k: -step_programs[k]),
+      "work_per_step_executed": executed_work,
+      "model_flops_per_step": main.model.total().flops if main else None,
+      "top_ops": [{k: r[k] for k in ("program", "name", "xla_category", "fathom_class",
+                                     "total_time_us", "occurrences", "source")}
+                  | {"share_of_step": r["total_time_us"] * 1e3 / wall} for r in rows[:top]],
+      "cost_rule": categories.COST_RULE,
+      "attribution_rule": __doc__.split("Time attribution.")[1].strip().replace("\n", " "),
+  }
+  return Breakdown(rows, summary)
+
+
+def _merge(windows: list[trace.Window]) -> list[trace.Window]:
+  """Overlapping executions (several devices, several programs) merged into one window."""
+  merged: list[trace.Window] = []
+  for w in sorted(windows, key=lambda w: w.start_ns):
+    if merged and w.start_ns < merged[-1].end_ns:
+      last = merged[-1]
+      names = last.name if w.name in last.name.split("+") else f"{last.name}+{w.name}"
+      merged[-1] = trace.Window(names, None, last.start_ns, max(last.end_ns, w.end_ns))
+    else:
+      merged.append(w)
+  return merged
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs.
+
+CSV_FIELDS = ("program", "name", "opcode", "xla_category", "xla_category_raw", "fathom_class",
+              "class_shares", "occurrences", "total_time_us", "busy_time_us", "mean_time_us",
+              "flops", "bytes", "source")
+
+
+def write(result: Breakdown, output_dir: str, title: str = "") -> dict[str, str]:
+  os.makedirs(output_dir, exist_ok=True)
+  paths = {name: os.path.join(output_dir, name) for name in (OPS_FILE, BREAKDOWN_FILE,
+                                                             FIGURE_FILE)}
+  with open(paths[OPS_FILE], "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    for row in result.ops:
+      writer.writerow(row)
+  with open(paths[BREAKDOWN_FILE], "w") as f:
+    json.dump(result.summary, f, indent=2)
+    f.write("\n")
+  plot(result.summary, paths[FIGURE_FILE], title)
+  return paths
+
+
+def format_table(summary: dict, title: str = "") -> str:
+  lines = [f"== op breakdown{': ' + title if title else ''} ({summary['steps']} steps from "
+           f"{summary['step_source']}, {summary['step_time_s'] * 1e3:.3f} ms/step, ops cover "
+           f"{summary['coverage'] * 100:.1f}% of step time) =="]
+  for heading, key in (("Fathom class", "by_class"), ("XLA category", "by_xla_category")):
+    lines.append(f"  {heading:<28s} {'ms/step':>10s} {'% of step':>10s}")
+    for name, v in summary[key].items():
+      lines.append(f"  {name:<28s} {v['time_per_step_s'] * 1e3:10.3f} "
+                   f"{v['share_of_step'] * 100:9.1f}%")
+    lines.append(f"  {'(not covered by ops)':<28s} "
+                 f"{(1 - summary['coverage']) * summary['step_time_s'] * 1e3:10.3f} "
+                 f"{(1 - summary['coverage']) * 100:9.1f}%")
+  return "\n".join(lines)
+
+
+def plot(summary: dict, path: str, title: str = "") -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(2, 1, figsize=(10, 4.2))
+  colors = plt.get_cmap("tab20").colors
+  for ax, key, label in ((axes[0], "by_class", "Fathom class"),
+                         (axes[1], "by_xla_category", "XLA category")):
+    items = list(summary[key].items())
+    if len(items) > 9:
+      rest = sum(v["share_of_step"] for _, v in items[9:])
+      items = items[:9] + [("(other categories)", {"share_of_step": rest})]
+    left = 0.0
+    for i, (name, v) in enumerate(items):
+      width = v["share_of_step"] * 100
+      ax.barh(0, width, left=left, color=colors[i % len(colors)], label=name)
+      left += width
+    ax.barh(0, 100 - left, left=left, color="#dddddd", label="(not covered by ops)")
+    ax.set_xlim(0, 100)
+    ax.set_yticks([])
+    ax.set_title(label, fontsize=9, loc="left")
+    ax.legend(fontsize=7, ncol=3, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+  axes[1].set_xlabel("% of step time")
+  fig.suptitle(title or "op breakdown", fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+
+def run(trace_dir: str, output_dir: Optional[str] = None,
+        hlo_files: Iterable[str] = (), title: str = "") -> tuple[Breakdown, dict[str, str]]:
+  """The whole pipeline on a trace folder: read, join, attribute, write."""
+  traces = trace.read_all(trace_dir)
+  programs = load_programs(traces, hlo_files)
+  if not programs:
+    raise DataError(f"{trace_dir}: the trace embeds no HLO and no HLO text files were found "
+                    "beside it (dump them with XLA_FLAGS=--xla_dump_to=<trace_dir>)")
+  result = analyse(traces, programs)
+  paths = write(result, output_dir or trace_dir, title)
+  return result, paths

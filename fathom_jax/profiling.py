@@ -1,0 +1,127 @@
+"""Profiled runs (`--profile`): after the unprofiled measured steps, the same number of steps run
+again under the JAX profiler, each inside a step annotation, so the result file holds step times
+with and without profiling. The run folder receives:
+
+  plugins/profile/<session>/<host>.xplane.pb   the trace (`tensorboard --logdir <output_dir>`)
+  hlo/<module>.optimized.hlo.txt               the program as compiled (compiled.as_text())
+  hlo/<module>.unoptimized.hlo.txt             the program before XLA's passes
+  hlo/<module>.analysis.json                   the compiler's cost and memory analyses
+  ops.csv, breakdown.json, breakdown.png       the op breakdown (fathom_jax.analysis)
+"""
+
+import glob
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import numpy as np
+
+from fathom_jax.errors import DataError
+
+HLO_DIR = "hlo"
+
+
+def _cost_analysis(compiled) -> dict:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # not every backend implements it
+    return {}
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return {k: float(v) for k, v in (cost or {}).items()}
+
+
+def _memory_analysis(compiled) -> dict:
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:
+    return {}
+  return {name: int(getattr(stats, name)) for name in dir(stats)
+          if name.endswith("_in_bytes") and isinstance(getattr(stats, name), int)}
+
+
+def module_name(hlo_text: str) -> str:
+  first = hlo_text.split("\n", 1)[0]
+  return first.split()[1].rstrip(",") if first.startswith("HloModule ") else "module"
+
+
+def save_programs(run_dir: str, lowered, compiled) -> dict[str, str]:
+  """Writes the optimised and pre-optimisation HLO and the compiler's analyses of one program."""
+  folder = os.path.join(run_dir, HLO_DIR)
+  os.makedirs(folder, exist_ok=True)
+  optimized = compiled.as_text()
+  name = module_name(optimized)
+  paths = {kind: os.path.join(folder, f"{name}.{kind}") for kind in
+           ("optimized.hlo.txt", "unoptimized.hlo.txt", "analysis.json")}
+  with open(paths["optimized.hlo.txt"], "w") as f:
+    f.write(optimized)
+  with open(paths["unoptimized.hlo.txt"], "w") as f:
+    f.write(lowered.as_text(dialect="hlo"))
+  with open(paths["analysis.json"], "w") as f:
+    json.dump({"cost_analysis": _cost_analysis(compiled),
+               "memory_analysis": _memory_analysis(compiled)}, f, indent=2)
+    f.write("\n")
+  return paths
+
+
+def _timing(times: list[float]) -> dict:
+  arr = np.asarray(times)
+  return {"median": float(np.median(arr)), "mean": float(arr.mean()), "min": float(arr.min()),
+          "max": float(arr.max())}
+
+
+def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[], Any],
+            run: Callable[[Any], Any], lowered, compiled, unprofiled_times: list[float],
+            say: Callable[[str], None], title: str = "") -> dict:
+  """Runs `steps` steps under the profiler and analyses the trace.
+
+  prepare() -> inputs of one step (not timed, outside the step annotation);
+  run(inputs) runs the step to completion (timed, inside the annotation).
+  Without a run folder (other hosts of a multi-host run) the trace goes to a temporary folder
+  and is discarded: every process must still run the steps.
+  """
+  from fathom_jax.analysis import breakdown
+
+  keep = run_dir is not None
+  trace_dir = run_dir if keep else tempfile.mkdtemp(prefix="fathom-profile-")
+  if keep:
+    save_programs(run_dir, lowered, compiled)
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0  # Python function events would slow dispatch down
+  times = []
+  try:
+    with jax.profiler.trace(trace_dir, profiler_options=options):
+      for i in range(steps):
+        inputs = prepare()
+        with jax.profiler.StepTraceAnnotation(mode, step_num=i):
+          start = time.perf_counter()
+          run(inputs)
+          times.append(time.perf_counter() - start)
+  finally:
+    if not keep:
+      shutil.rmtree(trace_dir, ignore_errors=True)
+  profiled, unprofiled = _timing(times), _timing(unprofiled_times)
+  summary = {"step_times_s": times, "step_time_s": profiled,
+             "overhead": profiled["median"] / unprofiled["median"] - 1}
+  say(f"profiled {steps} steps: median {profiled['median'] * 1e3:.2f} ms "
+      f"(unprofiled {unprofiled['median'] * 1e3:.2f} ms, {summary['overhead'] * 100:+.1f}%)")
+  if not keep:
+    return summary
+  hlo_files = sorted(glob.glob(os.path.join(run_dir, HLO_DIR, "*.optimized.hlo.txt")))
+  try:
+    result, paths = breakdown.run(run_dir, run_dir, hlo_files, title)
+  except DataError as e:
+    say(f"no op breakdown: {e}")
+    return {**summary, "error": str(e)}
+  s = result.summary
+  summary.update(
+      trace_dir=run_dir, coverage=s["coverage"], steps_analysed=s["steps"],
+      class_shares={k: v["share_of_step"] for k, v in s["by_class"].items()},
+      xla_category_shares={k: v["share_of_step"] for k, v in s["by_xla_category"].items()},
+      files={k: os.path.relpath(v, run_dir) for k, v in paths.items()})
+  print(breakdown.format_table(s, title), flush=True)  # a summary: printed even when quiet
+  return summary
