@@ -1,0 +1,108 @@
+"""A profiled run end to end: trace, HLO, analyses and the op breakdown in the run folder."""
+
+import csv
+import glob
+import json
+import os
+
+import pytest
+
+from fathom_jax import cli, profiling, runner
+from fathom_jax.analysis import breakdown, categories
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+  out = tmp_path_factory.mktemp("runs")
+  # A tiny model at a batch large enough that the ops, not Python dispatch, fill the step.
+  spec = runner.RunSpec(workload="memnet", preset="tiny", batch_size=1024, steps=4,
+                        warmup_steps=1, output_dir=str(out), profile=True, quiet=True)
+  record = runner.execute(spec)
+  return record, record["run_dir"]
+
+
+def test_run_folder_layout(profiled):
+  record, run_dir = profiled
+  assert record["status"] == "completed" and record["spec"]["profile"] is True
+  # TensorBoard's profile plugin reads <logdir>/plugins/profile/<session>/<host>.xplane.pb.
+  assert len(glob.glob(os.path.join(run_dir, "plugins", "profile", "*", "*.xplane.pb"))) == 1
+  hlo_dir = os.path.join(run_dir, profiling.HLO_DIR)
+  assert sorted(os.listdir(hlo_dir)) == ["jit_train_step.analysis.json",
+                                         "jit_train_step.optimized.hlo.txt",
+                                         "jit_train_step.unoptimized.hlo.txt"]
+  analysis = json.load(open(os.path.join(hlo_dir, "jit_train_step.analysis.json")))
+  assert analysis["cost_analysis"]["flops"] == record["figures"]["flops_per_step"]
+  assert analysis["memory_analysis"]["temp_size_in_bytes"] >= 0
+  assert open(os.path.join(hlo_dir, "jit_train_step.optimized.hlo.txt")).read().startswith(
+      "HloModule jit_train_step")
+  for name in (breakdown.OPS_FILE, breakdown.BREAKDOWN_FILE, breakdown.FIGURE_FILE):
+    assert os.path.getsize(os.path.join(run_dir, name)) > 0
+  # The result file is the one written at the end, with the profile's summary in it.
+  on_disk = json.load(open(os.path.join(run_dir, "result.json")))
+  assert on_disk["figures"]["profile"]["coverage"] == record["figures"]["profile"]["coverage"]
+
+
+def test_step_times_with_and_without_profiling(profiled):
+  record, _ = profiled
+  f = record["figures"]
+  p = f["profile"]
+  assert len(f["step_times_s"]) == 4 and len(p["step_times_s"]) == 4
+  assert p["step_time_s"]["median"] > 0
+  assert p["overhead"] == pytest.approx(
+      p["step_time_s"]["median"] / f["step_time_s"]["median"] - 1)
+
+
+def test_breakdown_covers_the_step_and_adds_up(profiled):
+  record, run_dir = profiled
+  summary = json.load(open(os.path.join(run_dir, breakdown.BREAKDOWN_FILE)))
+  assert summary["steps"] == 4 and summary["step_source"] == "step annotations"
+  assert summary["coverage"] >= 0.8, summary["coverage"]
+  assert summary["unmatched_share"] == 0
+  for key in ("by_class", "by_xla_category"):
+    total = sum(v["share_of_step"] for v in summary[key].values())
+    assert total == pytest.approx(summary["coverage"], rel=1e-9)
+  classes = summary["by_class"]
+  assert set(classes) <= set(categories.CLASSES)
+  # Adam's update is found by its scope, the key split by its random-bits primitive.
+  assert classes[categories.OPTIMIZATION]["time_s"] > 0
+  assert classes[categories.RANDOM]["time_s"] > 0
+  assert record["figures"]["profile"]["class_shares"] == pytest.approx(
+      {k: v["share_of_step"] for k, v in classes.items()})
+
+
+def test_ops_table(profiled):
+  _, run_dir = profiled
+  rows = list(csv.DictReader(open(os.path.join(run_dir, breakdown.OPS_FILE))))
+  summary = json.load(open(os.path.join(run_dir, breakdown.BREAKDOWN_FILE)))
+  assert sum(float(r["total_time_us"]) for r in rows) * 1e-6 == pytest.approx(
+      summary["covered_time_s"], rel=1e-6)
+  step = [r for r in rows if r["program"].startswith("jit_train_step(")]
+  assert step and all(int(r["occurrences"]) % 4 == 0 for r in step)  # once per step, or loops
+  assert any(r["source"].endswith(os.path.join("workloads", "memnet.py") + ":" +
+                                  r["source"].rsplit(":", 1)[-1]) for r in step)
+  assert {r["fathom_class"] for r in step} >= {categories.MATRIX, categories.ELEMENTWISE}
+  # Work per step from the table matches the cost model of the program (loops included).
+  work = sum(float(r["flops"]) * int(r["occurrences"]) for r in step) / 4
+  assert work == pytest.approx(summary["work_per_step_executed"], rel=1e-6)
+
+
+def test_breakdown_command_reproduces_the_run(profiled, tmp_path, capsys):
+  from fathom_jax.analysis import __main__ as command
+  _, run_dir = profiled
+  assert command.main(["breakdown", run_dir, f"--output_dir={tmp_path}"]) == 0
+  again = json.load(open(tmp_path / breakdown.BREAKDOWN_FILE))
+  first = json.load(open(os.path.join(run_dir, breakdown.BREAKDOWN_FILE)))
+  share = lambda s: {k: v["share_of_step"] for k, v in s["by_class"].items()}
+  assert share(again) == pytest.approx(share(first))
+  assert again["coverage"] == pytest.approx(first["coverage"])
+
+
+def test_profile_flag():
+  try:
+    cli.parse_flags(["run.py", "--workload=memnet", "--profile"])
+    (spec,) = cli.specs_from_flags()
+    assert spec.profile is True
+    cli.parse_flags(["run.py", "--workload=memnet", "--noprofile"])
+    assert cli.specs_from_flags()[0].profile is False
+  finally:
+    cli.FLAGS.unparse_flags()

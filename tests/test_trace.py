@@ -1,0 +1,168 @@
+"""The trace reader and the breakdown on traces a test records now, and the breakdown command."""
+
+import csv
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from fathom_jax.analysis import __main__ as cli
+from fathom_jax.analysis import breakdown, categories, hlo, trace
+from fathom_jax.errors import DataError
+
+TRIPS = 7
+
+
+def program(x, w):
+  def body(i, c):
+    return jnp.tanh(c @ w)
+  y = jax.lax.fori_loop(0, TRIPS, body, x)
+  with jax.named_scope("optimizer"):
+    y = y * 0.5 + 1.0
+  return y.sum()
+
+
+def record(logdir, steps=3, annotate=True, embed_hlo=True):
+  f = jax.jit(program)
+  x, w = jnp.ones((64, 64)), jnp.full((64, 64), 0.01)
+  compiled = f.lower(x, w).compile()
+  compiled(x, w).block_until_ready()
+  options = jax.profiler.ProfileOptions()
+  options.python_tracer_level = 0
+  options.enable_hlo_proto = embed_hlo
+  with jax.profiler.trace(str(logdir), profiler_options=options):
+    for i in range(steps):
+      if annotate:
+        with jax.profiler.StepTraceAnnotation("train", step_num=i):
+          compiled(x, w).block_until_ready()
+      else:
+        compiled(x, w).block_until_ready()
+  return compiled
+
+
+@pytest.fixture(scope="module")
+def annotated(tmp_path_factory):
+  logdir = tmp_path_factory.mktemp("annotated")
+  compiled = record(logdir)
+  return logdir, compiled
+
+
+def test_layout_events_steps_and_embedded_hlo(annotated):
+  logdir, compiled = annotated
+  (path,) = trace.find_xplanes(str(logdir))
+  assert os.path.relpath(path, logdir).startswith(os.path.join("plugins", "profile"))
+  t = trace.read(path)
+  assert [w.step for w in t.steps] == [0, 1, 2] and {w.name for w in t.steps} == {"train"}
+  assert all(w.duration_ns > 0 for w in t.steps)
+  # The embedded HLO is the compiled program, and every op event names one of its instructions.
+  (key,) = [k for k in t.hlo_texts if k.startswith("jit_program(")]
+  module = hlo.parse_module(t.hlo_texts[key])
+  assert module.name == "jit_program"
+  assert set(module.instructions) == set(hlo.parse_module(compiled.as_text()).instructions)
+  ours = [e for e in t.events if e.module == "jit_program"]
+  assert ours and all(f"{e.module}({e.program_id})" == key for e in ours)
+  assert all(e.op in module.instructions for e in ours)
+
+
+def test_loop_body_events_per_iteration(annotated):
+  logdir, _ = annotated
+  traces = trace.read_all(str(logdir))
+  programs = breakdown.load_programs(traces)
+  result = breakdown.analyse(traces, programs)
+  rows = {r["name"]: r for r in result.ops}
+  (module,) = [p.module for k, p in programs.items() if k.startswith("jit_program(")]
+  (loop,) = [i for i in module.instructions.values() if i.opcode == "while"]
+  body = module.computations[loop.attrs["body"].lstrip("%")]
+  dots = [i.name for i in body.instructions if categories.refined_category(i, module) ==
+          "dot fusion"]
+  assert len(dots) == 1
+  assert rows[dots[0]]["occurrences"] == 3 * TRIPS
+  assert rows[dots[0]]["fathom_class"] == categories.MATRIX
+  assert rows[loop.name]["occurrences"] == 3 and rows[loop.name]["flops"] == 0
+  assert any(r["fathom_class"] == categories.OPTIMIZATION for r in result.ops)
+  s = result.summary
+  assert s["steps"] == 3 and s["step_source"] == "step annotations"
+  assert 0 < s["coverage"] <= 1 and s["unmatched_share"] == 0
+  # Attributed time adds up to the covered time, per class and per category alike.
+  for key in ("by_class", "by_xla_category"):
+    assert sum(v["share_of_step"] for v in s[key].values()) == pytest.approx(s["coverage"])
+  assert sum(r["total_time_us"] for r in result.ops) * 1e-6 == pytest.approx(
+      s["covered_time_s"])
+  # Executed work: the loop body counted on every iteration.
+  per_step = sum(r["flops"] * r["occurrences"] for r in result.ops) / 3
+  assert per_step == pytest.approx(s["work_per_step_executed"])
+  assert per_step >= TRIPS * 2 * 64 ** 3
+
+
+def ev(op, start, end, thread="t0"):
+  return trace.OpEvent(1, "m", op, start, end - start, thread)
+
+
+def test_attribution_of_overlapping_and_nested_events():
+  window = trace.Window("train", 0, 0.0, 100.0)
+  events = [ev("loop", 10, 90), ev("a", 20, 40), ev("b", 30, 60, "t1"), ev("c", 95, 120)]
+  share, covered = breakdown._attribute(window, events, [True, False, False, False])
+  # loop alone 10-20 and 60-90; a alone 20-30; a and b share 30-40; b alone 40-60; c 95-100.
+  assert covered == pytest.approx(85)
+  assert share[0] == pytest.approx(40) and share[1] == pytest.approx(15)
+  assert share[2] == pytest.approx(25) and share[3] == pytest.approx(5)
+  assert sum(share.values()) == pytest.approx(covered)
+
+
+def test_steps_from_program_executions(tmp_path):
+  record(tmp_path, steps=4, annotate=False)
+  traces = trace.read_all(str(tmp_path))
+  assert traces[0].steps == []
+  result = breakdown.analyse(traces, breakdown.load_programs(traces))
+  assert result.summary["step_source"] == "program executions"
+  assert result.summary["steps"] == 4
+
+
+def test_command_writes_outputs(annotated, tmp_path, capsys):
+  logdir, _ = annotated
+  out = tmp_path / "out"
+  assert cli.main(["breakdown", str(logdir), f"--output_dir={out}"]) == 0
+  assert "op breakdown" in capsys.readouterr().out
+  summary = json.load(open(out / "breakdown.json"))
+  rows = list(csv.DictReader(open(out / "ops.csv")))
+  assert set(rows[0]) == set(breakdown.CSV_FIELDS)
+  assert sum(float(r["total_time_us"]) for r in rows) * 1e-6 == pytest.approx(
+      summary["covered_time_s"], rel=1e-6)
+  assert (out / "breakdown.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_hlo_dumped_beside_a_trace_without_embedded_hlo(tmp_path, capsys):
+  compiled = record(tmp_path, steps=2, embed_hlo=False)
+  traces = trace.read_all(str(tmp_path))
+  assert not any(k.startswith("jit_program") for t in traces for k in t.hlo_texts)
+  (tmp_path / "jit_program.optimized.hlo.txt").write_text(compiled.as_text())
+  assert cli.main(["breakdown", str(tmp_path)]) == 0
+  rows = list(csv.DictReader(open(tmp_path / "ops.csv")))
+  ours = [r for r in rows if r["program"].startswith("jit_program")]
+  assert ours and all(r["xla_category"] != breakdown.UNMATCHED for r in ours)
+
+
+def test_damaged_input(annotated, tmp_path, capsys):
+  logdir, _ = annotated
+  (path,) = trace.find_xplanes(str(logdir))
+  broken = tmp_path / "plugins" / "profile" / "cut"
+  broken.mkdir(parents=True)
+  data = open(path, "rb").read()
+  (broken / "host.xplane.pb").write_bytes(data[:len(data) // 2])
+  with pytest.raises(DataError, match="not a readable xplane trace"):
+    trace.read_all(str(tmp_path))
+  assert cli.main(["breakdown", str(tmp_path)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and err.count("\n") == 1
+  with pytest.raises(DataError, match="no such trace folder"):
+    trace.find_xplanes(str(tmp_path / "missing"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(DataError, match="no \\*.xplane.pb trace under"):
+    trace.find_xplanes(str(tmp_path / "empty"))
+  notes = tmp_path / "empty" / "notes.optimized.hlo.txt"
+  notes.write_text("not hlo\n")
+  assert cli.main(["breakdown", str(logdir), f"--hlo={notes}"]) == 2
+  assert "notes.optimized.hlo.txt:1: not HLO text" in capsys.readouterr().err
