@@ -107,15 +107,15 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
   profiled, unprofiled = _timing(times), _timing(unprofiled_times)
   summary = {"step_times_s": times, "step_time_s": profiled,
              "overhead": profiled["median"] / unprofiled["median"] - 1}
-  say(f"profiled {steps} steps: median {profiled['median'] * 1e3:.2f} ms "
-      f"(unprofiled {unprofiled['median'] * 1e3:.2f} ms, {summary['overhead'] * 100:+.1f}%)")
+  overhead = (f"  step time under the profiler: median {profiled['median'] * 1e3:.3f} ms, "
+              f"unprofiled {unprofiled['median'] * 1e3:.3f} ms ({summary['overhead'] * 100:+.1f}%)")
   if not keep:
     return summary
   hlo_files = sorted(glob.glob(os.path.join(run_dir, HLO_DIR, "*.optimized.hlo.txt")))
   try:
     result, paths = breakdown.run(run_dir, run_dir, hlo_files, title)
   except DataError as e:
-    say(f"no op breakdown: {e}")
+    print(f"no op breakdown: {e}\n{overhead}", flush=True)
     return {**summary, "error": str(e)}
   s = result.summary
   summary.update(
@@ -123,5 +123,6 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
       class_shares={k: v["share_of_step"] for k, v in s["by_class"].items()},
       xla_category_shares={k: v["share_of_step"] for k, v in s["by_xla_category"].items()},
       files={k: os.path.relpath(v, run_dir) for k, v in paths.items()})
-  print(breakdown.format_table(s, title), flush=True)  # a summary: printed even when quiet
+  # A summary, so printed even when quiet.
+  print(breakdown.format_table(s, title) + "\n" + overhead, flush=True)
   return summary

@@ -166,3 +166,69 @@ def test_damaged_input(annotated, tmp_path, capsys):
   notes.write_text("not hlo\n")
   assert cli.main(["breakdown", str(logdir), f"--hlo={notes}"]) == 2
   assert "notes.optimized.hlo.txt:1: not HLO text" in capsys.readouterr().err
+
+
+DEVICE_XSPACE = """
+planes {
+  id: 1 name: "/host:CPU"
+  lines { id: 1 name: "python" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 100000000 stats { metadata_id: 1 int64_value: 0 } } }
+  event_metadata { key: 1 value { id: 1 name: "train" } }
+  stat_metadata { key: 1 value { id: 1 name: "step_num" } }
+}
+planes {
+  id: 2 name: "/device:GPU:0"
+  lines { id: 1 name: "XLA Modules" timestamp_ns: 1000
+    events { metadata_id: 1 offset_ps: 10000000 duration_ps: 80000000 } }
+  lines { id: 2 name: "Stream #7" timestamp_ns: 1000
+    events { metadata_id: 2 offset_ps: 10000000 duration_ps: 30000000 stats { metadata_id: 1 str_value: "ynn_fusion" } }
+    events { metadata_id: 3 offset_ps: 40000000 duration_ps: 20000000 stats { metadata_id: 1 str_value: "ynn_fusion" } }
+    events { metadata_id: 4 offset_ps: 60000000 duration_ps: 10000000 stats { metadata_id: 1 str_value: "add_tanh_fusion" } } }
+  event_metadata { key: 1 value { id: 1 name: "jit__lambda(5)" } }
+  event_metadata { key: 2 value { id: 2 name: "gemm_kernel_part1" } }
+  event_metadata { key: 3 value { id: 3 name: "gemm_kernel_part2" } }
+  event_metadata { key: 4 value { id: 4 name: "loop_fusion_kernel" } }
+  stat_metadata { key: 1 value { id: 1 name: "hlo_op" } }
+}
+"""
+
+
+def test_device_plane_kernels_summed_per_op(tmp_path):
+  """A GPU-style plane (written from text here): kernels carry only the op name, the 'XLA
+  Modules' line says which program ran; two kernels of one op are one execution of it."""
+  from jax.profiler import ProfileData
+  session = tmp_path / "plugins" / "profile" / "session"
+  session.mkdir(parents=True)
+  (session / "gpu.xplane.pb").write_bytes(ProfileData.text_proto_to_serialized_xspace(
+      DEVICE_XSPACE))
+  (t,) = trace.read_all(str(tmp_path))
+  assert t.device == "/device:GPU:0" and len(t.events) == 3
+  assert {(e.module, e.program_id) for e in t.events} == {("jit__lambda", 5)}
+  data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "dot.hlo.txt")
+  result = breakdown.analyse([t], breakdown.load_programs([t], [data]))
+  rows = {r["name"]: r for r in result.ops}
+  assert rows["ynn_fusion"]["occurrences"] == 1
+  assert rows["ynn_fusion"]["total_time_us"] == pytest.approx(50)  # 30 + 20 us of kernels
+  assert rows["add_tanh_fusion"]["total_time_us"] == pytest.approx(10)
+  s = result.summary
+  assert s["coverage"] == pytest.approx(0.6)  # 60 of the step's 100 us
+  assert s["by_class"][categories.MATRIX]["share_of_step"] == pytest.approx(0.5)
+  assert s["by_xla_category"]["dot fusion"]["share_of_step"] == pytest.approx(0.5)
+
+
+def test_xprof_cross_check(annotated, tmp_path):
+  from fathom_jax.analysis import xprof_check
+  logdir, _ = annotated
+  result, _ = breakdown.run(str(logdir), str(tmp_path))
+  # xprof's hlo_stats has no rows for CPU traces: the check says there was nothing to compare.
+  assert result.summary["xprof_check"]["xprof_rows"] == 0
+  ops = [{"name": "fusion.1", "busy_time_us": 30.0, "xla_category_raw": "loop fusion"},
+         {"name": "dot.2", "busy_time_us": 90.0, "xla_category_raw": "dot"}]
+  table = {"cols": [{"id": "hlo_op_name"}, {"id": "category"}, {"id": "total_time"}],
+           "rows": [{"c": [{"v": "fusion.1"}, {"v": "Loop fusion"}, {"v": 40.0}]},
+                    {"c": [{"v": "dot.2"}, {"v": "convolution"}, {"v": 80.0}]},
+                    {"c": [{"v": "copy.9"}, {"v": "data formatting"}, {"v": 5.0}]}]}
+  check = xprof_check.compare(ops, xprof_check.table_rows(json.dumps(table)), steps=1)
+  assert check["matched_ops"] == 2 and check["xprof_rows"] == 3
+  assert check["time_ratio"] == pytest.approx(120 / 120)
+  assert check["category_agreement"] == pytest.approx(40 / 120)

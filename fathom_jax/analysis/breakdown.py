@@ -17,7 +17,7 @@ import json
 import os
 from typing import Iterable, Optional
 
-from fathom_jax.analysis import categories, cost, hlo, trace
+from fathom_jax.analysis import categories, cost, hlo, trace, xprof_check
 from fathom_jax.errors import DataError
 
 CONTAINERS = frozenset({"while", "conditional", "call"})
@@ -138,7 +138,7 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program],
       key = (progs[i].key if progs[i] else f"{e.module}({e.program_id})", e.op)
       s = stats.setdefault(key, OpStats(*key))
       inside = e.start_ns >= window.start_ns and e.start_ns < window.end_ns
-      s.occurrences += int(inside)
+      s.occurrences += int(inside and e.first)
       s.attributed_ns += share.get(local, 0.0)
       s.busy_ns += min(e.end_ns, window.end_ns) - max(e.start_ns, window.start_ns)
       step_programs[key[0]] += share.get(local, 0.0)
@@ -273,7 +273,9 @@ def plot(summary: dict, path: str, title: str = "") -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(2, 1, figsize=(10, 4.2))
-  colors = plt.get_cmap("tab20").colors
+  palette = plt.get_cmap("tab20").colors
+  # Classes keep their colour from figure to figure; categories take the rest in order.
+  class_colors = {c: palette[2 * i % 20] for i, c in enumerate(categories.CLASSES)}
   for ax, key, label in ((axes[0], "by_class", "Fathom class"),
                          (axes[1], "by_xla_category", "XLA category")):
     items = list(summary[key].items())
@@ -283,7 +285,9 @@ def plot(summary: dict, path: str, title: str = "") -> None:
     left = 0.0
     for i, (name, v) in enumerate(items):
       width = v["share_of_step"] * 100
-      ax.barh(0, width, left=left, color=colors[i % len(colors)], label=name)
+      color = (class_colors.get(name) if key == "by_class"
+               else [c for j, c in enumerate(palette) if j not in (14, 15)][i % 18])
+      ax.barh(0, width, left=left, color=color, label=name)
       left += width
     ax.barh(0, 100 - left, left=left, color="#dddddd", label="(not covered by ops)")
     ax.set_xlim(0, 100)
@@ -306,5 +310,12 @@ def run(trace_dir: str, output_dir: Optional[str] = None,
     raise DataError(f"{trace_dir}: the trace embeds no HLO and no HLO text files were found "
                     "beside it (dump them with XLA_FLAGS=--xla_dump_to=<trace_dir>)")
   result = analyse(traces, programs)
+  try:
+    rows = xprof_check.hlo_stats([t.path for t in traces])
+  except Exception as e:  # a cross-check only: never the reason a breakdown fails
+    result.summary["xprof_check"] = {"error": f"{type(e).__name__}: {e}".splitlines()[0]}
+  else:
+    result.summary["xprof_check"] = xprof_check.compare(result.ops, rows,
+                                                        result.summary["steps"])
   paths = write(result, output_dir or trace_dir, title)
   return result, paths

@@ -33,6 +33,7 @@ class OpEvent:
   duration_ns: float
   thread: str  # the line the event was on: a host thread or a device stream
   run_id: Optional[int] = None  # which execution of the program (CPU events carry it)
+  first: bool = True  # False for the 2nd, 3rd... kernel of one execution of a device op
 
   @property
   def end_ns(self) -> float:
@@ -206,6 +207,12 @@ def _device_events(plane) -> list[OpEvent]:
             break
       events.append(OpEvent(program, str(module), str(op), e.start_ns, e.duration_ns,
                             f"{plane.name}/{line.name}"))
+  # Consecutive kernels of one op are one execution of it: count them once, time them all.
+  events.sort(key=lambda e: e.start_ns)
+  for i in range(1, len(events)):
+    a, b = events[i - 1], events[i]
+    if (a.module, a.program_id, a.op) == (b.module, b.program_id, b.op):
+      events[i] = dataclasses.replace(b, first=False)
   return events
 
 
