@@ -120,6 +120,8 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
   s = result.summary
   summary.update(
       trace_dir=run_dir, coverage=s["coverage"], steps_analysed=s["steps"],
+      # FLOPs of the step by our model, every loop iteration counted (XLA's count takes one).
+      model_flops_per_step=s["model_flops_per_step"],
       class_shares={k: v["share_of_step"] for k, v in s["by_class"].items()},
       xla_category_shares={k: v["share_of_step"] for k, v in s["by_xla_category"].items()},
       files={k: os.path.relpath(v, run_dir) for k, v in paths.items()})

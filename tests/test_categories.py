@@ -153,3 +153,20 @@ def test_loops_counted_once_per_iteration():
   # The body's dot: 2*8*8*8 FLOPs (tanh is a transcendental, the counter add 1, the compare 1).
   assert per_iteration == 2 * 8 * 8 * 8 + 2
   assert full - once == 4 * per_iteration  # five iterations, not one
+
+
+def test_unscoped_dropout_mask_is_random_sampling():
+  def dropout(key, x):
+    keep = jax.random.bernoulli(key, 0.9, x.shape)
+    return jnp.where(keep, x / 0.9, 0.0)
+  text = jax.jit(dropout).lower(jax.random.key(0), jnp.ones((16, 16))).compile().as_text()
+  module = hlo.parse_module(text)
+  model = cost.CostModel(module)
+  drawn = [i for i in module.instructions.values() if "jit(_bernoulli)" in i.op_name
+           and i.opcode not in cost.FREE]
+  assert drawn and all(cat.fathom_class(i) == cat.RANDOM for i in drawn)
+  time = {}
+  for inst in module.entry_computation.instructions:
+    for c, share in cat.class_shares(inst, module, model).items():
+      time[c] = time.get(c, 0.0) + share
+  assert time.get(cat.RANDOM, 0) > 1

@@ -8,9 +8,10 @@
    convolution) is 'dot' or 'convolution'.
 2. Fathom's 2016 classes plus 'communication' and 'other'. Each HLO instruction has one class.
    Random sampling and optimizer updates lower to plain elementwise HLO, so they are recognised by
-   metadata first: an op_name inside the 'random_sampling' scope or made by a random-bits
-   primitive (threefry2x32, random_bits, rng_bit_generator), and an op_name inside the
-   'optimizer' scope that the runner wraps around the update.
+   metadata first: an op_name inside the 'random_sampling' scope, made by a random-bits
+   primitive (threefry2x32, random_bits, rng_bit_generator) or inside one of jax.random's
+   samplers (jit(_uniform), jit(_bernoulli), jit(_normal), ...: dropout masks included), and an
+   op_name inside the 'optimizer' scope that the runner wraps around the update.
 
 A fusion's time is split among the classes of its body by the cost rule (`COST_RULE`).
 """
@@ -42,8 +43,13 @@ COST_RULE = (
     "and parameters, which a fusion turns into index arithmetic. A fusion whose body has no work "
     "goes wholly to the class of its root instruction. Loop bodies count once per iteration.")
 
-RANDOM_SCOPE = re.compile(r"(^|/)random_sampling(/|$)|threefry|random_bits|rng_bit_generator|"
-                          r"rng-bit-generator|random_split|random_fold_in|random_seed")
+# The scope models put around their draws, the random-bits primitives, and jax.random's own
+# jitted samplers (dropout's mask comes from jit(_bernoulli)/jit(_uniform), unscoped).
+RANDOM_SCOPE = re.compile(
+    r"(^|/)random_sampling(/|$)|threefry|random_bits|rng_bit_generator|rng-bit-generator|"
+    r"random_split|random_fold_in|random_seed|jit\(_(uniform|normal|normal_real|bernoulli|"
+    r"randint|gamma|truncated_normal|categorical|gumbel|exponential|beta|dirichlet|poisson|"
+    r"permutation|shuffle|choice)\)")
 OPTIMIZER_SCOPE = re.compile(r"(^|/)optimizer(/|$)")
 
 # Data movement that copies elements, so it has work of its own inside a fusion.
