@@ -159,7 +159,7 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program],
     if inst is None:
       unmatched_ns += s.attributed_ns
       shares, category, raw, opcode = {categories.OTHER: 1.0}, UNMATCHED, UNMATCHED, ""
-      flops = nbytes = 0.0
+      flops = transcendentals = nbytes = 0.0
       source_loc = ""
     else:
       shares = categories.class_shares(inst, program.module, program.model)
@@ -168,7 +168,9 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program],
       opcode = inst.opcode
       c = program.model.instruction(inst.name)
       # A loop's work is on its body's rows; counting it here too would count it twice.
-      flops, nbytes = (0.0, 0.0) if inst.opcode in CONTAINERS else (c.work, c.bytes)
+      if inst.opcode in CONTAINERS:
+        c = cost.Cost()
+      flops, transcendentals, nbytes = c.flops, c.transcendentals, c.bytes
       source_loc = inst.source
     for cls, frac in shares.items():
       by_class[cls] += s.attributed_ns * frac
@@ -182,7 +184,8 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program],
         "occurrences": s.occurrences, "total_time_us": s.attributed_ns / 1e3,
         "busy_time_us": s.busy_ns / 1e3,
         "mean_time_us": s.busy_ns / 1e3 / max(s.occurrences, 1),
-        "flops": flops, "bytes": nbytes, "source": source_loc,
+        "flops": flops, "transcendentals": transcendentals, "bytes": nbytes,
+        "source": source_loc,
     })
   rows.sort(key=lambda r: -r["total_time_us"])
 
@@ -190,7 +193,7 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program],
     return {k: {"time_s": v / 1e9, "time_per_step_s": v / 1e9 / n_steps, "share_of_step": v / wall}
             for k, v in sorted(counter.items(), key=lambda kv: -kv[1])}
 
-  executed_work = sum(r["flops"] * r["occurrences"] for r in rows) / n_steps
+  executed_flops = sum(r["flops"] * r["occurrences"] for r in rows) / n_steps
   main_key = max(step_programs, key=step_programs.get) if step_programs else None
   main = programs.get(main_key) if main_key else None
   summary = {
@@ -205,7 +208,9 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program],
       "by_class": table(by_class),
       "by_xla_category": table(by_category),
       "programs": sorted(step_programs, key=lambda k: -step_programs[k]),
-      "work_per_step_executed": executed_work,
+      # FLOPs of the instructions the trace shows executing, per step (loop bodies per
+      # iteration), beside the cost model's count for the step's program.
+      "flops_per_step_executed": executed_flops,
       "model_flops_per_step": main.model.total().flops if main else None,
       "top_ops": [{k: r[k] for k in ("program", "name", "xla_category", "fathom_class",
                                      "total_time_us", "occurrences", "source")}
@@ -234,7 +239,7 @@ def _merge(windows: list[trace.Window]) -> list[trace.Window]:
 
 CSV_FIELDS = ("program", "name", "opcode", "xla_category", "xla_category_raw", "fathom_class",
               "class_shares", "occurrences", "total_time_us", "busy_time_us", "mean_time_us",
-              "flops", "bytes", "source")
+              "flops", "transcendentals", "bytes", "source")
 
 
 def write(result: Breakdown, output_dir: str, title: str = "") -> dict[str, str]:
