@@ -1,7 +1,6 @@
 """The trace reader and the breakdown on traces a test records now, and the breakdown command."""
 
 import csv
-import glob
 import json
 import os
 

@@ -10,7 +10,7 @@ import dataclasses
 import json
 import math
 import re
-from typing import Iterator, Optional
+from typing import Optional
 
 from fathom_jax.errors import DataError
 
@@ -147,29 +147,6 @@ class Module:
   @property
   def entry_computation(self) -> Computation:
     return self.computations[self.entry]
-
-  def callers(self) -> dict[str, list[Instruction]]:
-    """Computation name -> the instructions that call it."""
-    out: dict[str, list[Instruction]] = {}
-    for inst in self.instructions.values():
-      for name in inst.called:
-        out.setdefault(name, []).append(inst)
-    return out
-
-  def walk(self, computation: str) -> Iterator[Instruction]:
-    """Every instruction of a computation and of the computations it calls, depth first."""
-    seen = set()
-
-    def visit(name):
-      if name in seen or name not in self.computations:
-        return
-      seen.add(name)
-      for inst in self.computations[name].instructions:
-        yield inst
-        for called in inst.called:
-          yield from visit(called)
-
-    yield from visit(computation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,15 +367,19 @@ def trip_count(inst: Instruction, module: Module) -> Optional[int]:
   if known is not None:
     return int(known)
   cond = module.computations.get(inst.attrs.get("condition", "").lstrip("%"))
-  if cond is None:
+  if cond is None or cond.root is None:
     return None
-  for i in module.walk(cond.name):
-    if i.opcode == "compare" and i.attrs.get("direction") == "LT":
-      for operand in i.operands[1:]:
-        value = _constant_value(module, operand)
-        if value is not None:
-          return value
-  return None
+  compare, caller = cond.root, None
+  if compare.opcode == "fusion" and compare.called:  # XLA wraps the compare in a fusion
+    caller, compare = compare, module.computations[compare.called[0]].root
+  if compare is None or compare.opcode != "compare" or compare.attrs.get("direction") != "LT":
+    return None
+  bound = module.instructions.get(compare.operands[-1])
+  if bound is not None and bound.opcode == "parameter" and caller is not None:
+    index = int(bound.attrs.get("parameter_number", "-1") or -1)
+    if 0 <= index < len(caller.operands):
+      bound = module.instructions.get(caller.operands[index])
+  return _constant_value(module, bound.name) if bound is not None else None
 
 
 def _constant_value(module: Module, name: str) -> Optional[int]:
