@@ -172,7 +172,8 @@ DEVICE_XSPACE = """
 planes {
   id: 1 name: "/host:CPU"
   lines { id: 1 name: "python" timestamp_ns: 1000
-    events { metadata_id: 1 offset_ps: 0 duration_ps: 100000000 stats { metadata_id: 1 int64_value: 0 } } }
+    events { metadata_id: 1 offset_ps: 0 duration_ps: 100000000
+             stats { metadata_id: 1 int64_value: 0 } } }
   event_metadata { key: 1 value { id: 1 name: "train" } }
   stat_metadata { key: 1 value { id: 1 name: "step_num" } }
 }
@@ -181,9 +182,12 @@ planes {
   lines { id: 1 name: "XLA Modules" timestamp_ns: 1000
     events { metadata_id: 1 offset_ps: 10000000 duration_ps: 80000000 } }
   lines { id: 2 name: "Stream #7" timestamp_ns: 1000
-    events { metadata_id: 2 offset_ps: 10000000 duration_ps: 30000000 stats { metadata_id: 1 str_value: "ynn_fusion" } }
-    events { metadata_id: 3 offset_ps: 40000000 duration_ps: 20000000 stats { metadata_id: 1 str_value: "ynn_fusion" } }
-    events { metadata_id: 4 offset_ps: 60000000 duration_ps: 10000000 stats { metadata_id: 1 str_value: "add_tanh_fusion" } } }
+    events { metadata_id: 2 offset_ps: 10000000 duration_ps: 30000000
+             stats { metadata_id: 1 str_value: "ynn_fusion" } }
+    events { metadata_id: 3 offset_ps: 40000000 duration_ps: 20000000
+             stats { metadata_id: 1 str_value: "ynn_fusion" } }
+    events { metadata_id: 4 offset_ps: 60000000 duration_ps: 10000000
+             stats { metadata_id: 1 str_value: "add_tanh_fusion" } } }
   event_metadata { key: 1 value { id: 1 name: "jit__lambda(5)" } }
   event_metadata { key: 2 value { id: 2 name: "gemm_kernel_part1" } }
   event_metadata { key: 3 value { id: 3 name: "gemm_kernel_part2" } }
