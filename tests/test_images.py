@@ -154,9 +154,10 @@ def test_workloads_read_image_folders(tmp_path):
   assert config.num_classes == 3 and config.image_size == residual.PRESETS["tiny"].image_size
   batch = take(source, 1, 2)[0]
   assert batch["images"].shape == (2, config.image_size, config.image_size, 3)
-  # End to end through the runner: real batches, prefetched, into a training run.
-  record = runner.execute(runner.RunSpec(workload="alexnet", preset="tiny", data=root, steps=2,
-                                         warmup_steps=0, output_dir=None, quiet=True))
+  # End to end through the runner: real batches, prefetched, into an inference run.
+  record = runner.execute(runner.RunSpec(workload="alexnet", mode="infer", preset="tiny",
+                                         data=root, steps=2, warmup_steps=0, output_dir=None,
+                                         quiet=True))
   assert record["data"]["kind"] == "real" and record["data"]["classes"] == 3
-  assert record["config"]["num_classes"] == 3 and np.isfinite(record["figures"]["final_loss"])
+  assert record["config"]["num_classes"] == 3 and record["data"]["images_decoded"] >= 4
   assert alexnet.PRESETS["tiny"].num_classes != 3  # the folder, not the preset, decided

@@ -44,7 +44,8 @@ class Config:
   bn_epsilon: float = 1e-5
   batch_size: int = 16
   optimizer: str = "sgd"
-  learning_rate: float = 0.1
+  learning_rate: float = 0.1  # SGD's rate at a batch of lr_batch_size (the paper's)
+  lr_batch_size: int = 256  # SGD's rate scales linearly with batch_size / lr_batch_size
   momentum: float = nonneg(0.9)
   weight_decay: float = nonneg(1e-4)
 
@@ -63,7 +64,7 @@ PRESETS = {
     "paper": Config(),
     "small": Config(image_size=64, num_classes=10, base_width=16, batch_size=16),
     "tiny": Config(image_size=32, num_classes=4, base_width=4, batch_size=8,
-                   learning_rate=0.03),
+                   learning_rate=0.03, lr_batch_size=8),
 }
 
 
@@ -150,8 +151,7 @@ def build(config: Config, dtype: str) -> base.Model:
 
   return base.Model(
       init=init, apply=apply, loss=vision.cross_entropy,
-      optimizer=vision.make_optimizer(config.optimizer, config.learning_rate, config.momentum,
-                                      config.weight_decay),
+      optimizer=vision.make_optimizer(config),
       synthetic_batch=lambda rng, n: vision.synthetic_batch(
           config.image_size, config.num_classes, rng, n))
 

@@ -33,7 +33,8 @@ class Config:
   dropout: float = nonneg(0.5)
   batch_size: int = 8
   optimizer: str = "sgd"
-  learning_rate: float = 0.01
+  learning_rate: float = 0.01  # SGD's rate at a batch of lr_batch_size (the paper's)
+  lr_batch_size: int = 256  # SGD's rate scales linearly with batch_size / lr_batch_size
   momentum: float = nonneg(0.9)
   weight_decay: float = nonneg(5e-4)
 
@@ -52,7 +53,7 @@ PRESETS = {
     "small": Config(image_size=64, num_classes=10, base_width=16, fc_width=512, pooled_size=2,
                     batch_size=16),
     "tiny": Config(image_size=32, num_classes=4, base_width=4, fc_width=128, pooled_size=1,
-                   batch_size=8),
+                   batch_size=8, lr_batch_size=8),
 }
 
 
@@ -90,8 +91,7 @@ def build(config: Config, dtype: str) -> base.Model:
 
   return base.Model(
       init=init, apply=apply, loss=vision.cross_entropy,
-      optimizer=vision.make_optimizer(config.optimizer, config.learning_rate, config.momentum,
-                                      config.weight_decay),
+      optimizer=vision.make_optimizer(config),
       synthetic_batch=lambda rng, n: vision.synthetic_batch(
           config.image_size, config.num_classes, rng, n))
 

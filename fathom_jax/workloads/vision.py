@@ -41,17 +41,22 @@ def cross_entropy(logits, batch):
   return loss, {"accuracy": accuracy}
 
 
-def make_optimizer(name: str, learning_rate: float, momentum: float,
-                   weight_decay: float) -> optax.GradientTransformation:
-  """L2 weight decay added to the gradient, then SGD with momentum (the papers) or Adam."""
-  if name == "sgd":
-    step = optax.sgd(learning_rate, momentum=momentum or None)
-  elif name == "adam":
-    step = optax.adam(learning_rate)
+def make_optimizer(config) -> optax.GradientTransformation:
+  """L2 weight decay added to the gradient, then SGD with momentum (the papers) or Adam.
+
+  `config.learning_rate` is SGD's rate at the papers' batch of `config.lr_batch_size`; it is
+  scaled linearly to `config.batch_size` (Goyal et al. 2017), so small benchmark batches train
+  stably. Adam takes `learning_rate` as it is.
+  """
+  if config.optimizer == "sgd":
+    rate = config.learning_rate * config.batch_size / config.lr_batch_size
+    step = optax.sgd(rate, momentum=config.momentum or None)
+  elif config.optimizer == "adam":
+    step = optax.adam(config.learning_rate)
   else:
-    raise UsageError(f"config field 'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
-  if weight_decay:
-    return optax.chain(optax.add_decayed_weights(weight_decay), step)
+    check_optimizer(config.optimizer)
+  if config.weight_decay:
+    return optax.chain(optax.add_decayed_weights(config.weight_decay), step)
   return step
 
 
