@@ -1,0 +1,308 @@
+"""speech: Deep Speech (Hannun et al. 2014) with CTC, on 26-dimensional MFCC frames.
+
+Layers as in the paper: h1..h3 = min(relu(W x + b), 20) per frame; a bidirectional recurrent
+layer h_f[t] = g(W4 h3[t] + U_f h_f[t-1] + b4), h_b[t] = g(W4 h3[t] + U_b h_b[t+1] + b4) with
+the input weights W4, b4 shared by both directions; h5 = g(W5 (h_f + h_b) + b5); then the
+output layer, a softmax over 62 classes (blank = 0, the 61 TIMIT phones = 1..61). Both
+directions run, in one `lax.scan` that steps forwards in time for h_f and backwards for h_b; a
+padded frame holds the state at zero, so the backward direction of each utterance starts at its
+own last frame. Training minimises the CTC loss (mean over utterances); inference decodes
+greedily (best class per frame, repeats collapsed, blanks dropped).
+
+A batch holds features [B, T, 26] float32 (zero after each utterance's end), feature_lengths [B]
+int32, labels [B, N] int32 (0-padded) and label_lengths [B] int32. Inference returns labels
+[B, T] (0-padded) and lengths [B].
+
+Real data (`--data=DIR`): every `*.wav` file under DIR (searched recursively; extensions in any
+case), 16-bit PCM at any sample rate (channels averaged), with its transcript beside it under the
+same name: `<name>.txt` holding TIMIT phone symbols separated by whitespace (e.g.
+"h# sh ix hh eh dcl jh ih h#"), or TIMIT's own `<name>.phn` ("start end phone" per line).
+Features are computed by `fathom_jax.audio` (13 MFCCs with energy as c0, 13 deltas,
+standardised per utterance). Utterances longer than `max_frames` frames or `max_labels` labels,
+or too short to align their labels under CTC, are dropped and counted in the data summary.
+"""
+
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from fathom_jax import audio
+from fathom_jax import config as config_lib
+from fathom_jax import data as data_lib
+from fathom_jax.errors import DataError, UsageError
+from fathom_jax.workloads import base
+
+BLANK = 0
+TIMIT_PHONES = (
+    "aa ae ah ao aw ax ax-h axr ay b bcl ch d dcl dh dx eh el em en eng epi er ey f g gcl h# hh "
+    "hv ih ix iy jh k kcl l m n ng nx ow oy p pau pcl q r s sh t tcl th uh uw ux v w y z zh"
+).split()
+PHONE_IDS = {p: i + 1 for i, p in enumerate(TIMIT_PHONES)}  # 0 is the CTC blank
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  features: int = audio.FEATURES
+  max_frames: int = 1566
+  max_labels: int = 100
+  hidden: int = 1024
+  num_classes: int = len(TIMIT_PHONES) + 1
+  clip: float = 20.0  # g(x) = min(relu(x), clip)
+  batch_size: int = 32
+  optimizer: str = "sgd"
+  learning_rate: float = 1e-3
+  momentum: float = config_lib.nonneg(0.9)  # sgd only; Nesterov, as the paper's training
+  # The CTC loss of an utterance grows with its length; without clipping SGD diverges at 1566
+  # frames. 0: no clipping.
+  max_grad_norm: float = config_lib.nonneg(10.0)
+
+  def check(self):
+    if self.optimizer not in OPTIMIZERS:
+      raise UsageError(f"config field 'optimizer' must be one of {', '.join(OPTIMIZERS)}, got "
+                       f"{self.optimizer!r}")
+    if self.num_classes < 2:
+      raise UsageError(f"config field 'num_classes' must be at least 2 (blank and one label), "
+                       f"got {self.num_classes}")
+    if self.momentum >= 1:
+      raise UsageError(f"config field 'momentum' must be below 1, got {self.momentum}")
+
+
+PRESETS = {
+    "paper": Config(),
+    "small": Config(max_frames=400, max_labels=50, hidden=256, batch_size=16),
+    "tiny": Config(max_frames=24, max_labels=6, hidden=32, batch_size=4),
+}
+
+
+# --- model -----------------------------------------------------------------------------------
+
+
+def bidirectional_rnn(inputs, valid, forward, backward, clip: float):
+  """Clipped-ReLU recurrences over time in both directions.
+
+  inputs [B, T, H] (the shared input projection W4 h3 + b4), valid [B, T] bool, forward and
+  backward [H, H]. Returns h_f + h_b [B, T, H]. One scan runs both: step k advances h_f at time
+  k and h_b at time T-1-k, as one batched matmul.
+  """
+  xs = jnp.stack([inputs, jnp.flip(inputs, 1)])  # [2, B, T, H]
+  masks = jnp.stack([valid, jnp.flip(valid, 1)])[..., None]  # [2, B, T, 1]
+  recurrent = jnp.stack([forward, backward])  # [2, H, H]
+
+  def step(h, inputs_t):
+    x, mask = inputs_t
+    h = jnp.minimum(nn.relu(x + jnp.einsum("dbh,dhk->dbk", h, recurrent)), clip)
+    h = jnp.where(mask, h, jnp.zeros_like(h))  # padding: state stays zero
+    return h, h
+
+  h0 = jnp.zeros(xs.shape[:2] + xs.shape[3:], xs.dtype)
+  _, hs = jax.lax.scan(step, h0, (jnp.moveaxis(xs, 2, 0), jnp.moveaxis(masks, 2, 0)))
+  hs = jnp.moveaxis(hs, 0, 2)  # [2, B, T, H]
+  return hs[0] + jnp.flip(hs[1], 1)
+
+
+class DeepSpeech(nn.Module):
+  config: Config
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, features, lengths):
+    c = self.config
+    g = lambda x: jnp.minimum(nn.relu(x), c.clip)
+    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name,
+                                     kernel_init=nn.initializers.he_normal())
+    x = features.astype(self.dtype)
+    for i in range(1, 4):
+      x = g(dense(c.hidden, f"dense_{i}")(x))
+    projected = dense(c.hidden, "recurrent_input")(x)  # W4 h3 + b4, shared by both directions
+    init = nn.initializers.orthogonal()
+    forward = self.param("forward", init, (c.hidden, c.hidden)).astype(self.dtype)
+    backward = self.param("backward", init, (c.hidden, c.hidden)).astype(self.dtype)
+    valid = jnp.arange(features.shape[1]) < lengths[:, None]
+    x = bidirectional_rnn(projected, valid, forward, backward, c.clip)
+    x = g(dense(c.hidden, "dense_5")(x))
+    return dense(c.num_classes, "output")(x)
+
+
+def _paddings(lengths, size: int):
+  return (jnp.arange(size) >= lengths[:, None]).astype(jnp.float32)
+
+
+def ctc_loss(logits, batch):
+  """Mean over utterances of -log p(labels | frames), by optax's CTC (blank = 0)."""
+  logits = logits.astype(jnp.float32)
+  labels = batch["labels"]
+  per_utterance = optax.ctc_loss(
+      logits, _paddings(batch["feature_lengths"], logits.shape[1]), labels,
+      _paddings(batch["label_lengths"], labels.shape[1]), blank_id=BLANK)
+  per_label = per_utterance / jnp.maximum(batch["label_lengths"], 1)
+  return per_utterance.mean(), {"loss_per_label": per_label.mean()}
+
+
+def ctc_greedy_decode(logits, lengths):
+  """Best class per frame, repeats collapsed, blanks dropped: labels [B, T] (0-padded) and
+  lengths [B]. A blank between two equal classes keeps both."""
+  batch, frames = logits.shape[:2]
+  best = jnp.argmax(logits, -1).astype(jnp.int32)
+  best = jnp.where(jnp.arange(frames) < lengths[:, None], best, BLANK)
+  previous = jnp.concatenate([jnp.full((batch, 1), -1, jnp.int32), best[:, :-1]], 1)
+  keep = (best != BLANK) & (best != previous)
+  position = jnp.where(keep, jnp.cumsum(keep, 1) - 1, frames)  # dropped ones fall off the end
+  rows = jnp.arange(batch)[:, None]
+  labels = jnp.zeros((batch, frames), jnp.int32).at[rows, position].set(best, mode="drop")
+  return labels, keep.sum(1).astype(jnp.int32)
+
+
+def synthetic_batch(config: Config, rng, batch_size: int):
+  """N(0, 1) frames (standardised features), T/2..T frames, 1..max_labels labels, at most one
+  label per two frames so that every utterance can be aligned."""
+  f_rng, fl_rng, l_rng, ll_rng = jax.random.split(rng, 4)
+  T, N = config.max_frames, config.max_labels
+  frames = jax.random.randint(fl_rng, (batch_size,), max(1, T // 2), T + 1)
+  features = jax.random.normal(f_rng, (batch_size, T, config.features))
+  features = jnp.where((jnp.arange(T) < frames[:, None])[..., None], features, 0.0)
+  label_lengths = jnp.minimum(jax.random.randint(ll_rng, (batch_size,), 1, N + 1),
+                              jnp.maximum(frames // 2, 1))
+  labels = jax.random.randint(l_rng, (batch_size, N), 1, config.num_classes)
+  labels = jnp.where(jnp.arange(N) < label_lengths[:, None], labels, 0)
+  return {"features": features.astype(jnp.float32), "feature_lengths": frames.astype(jnp.int32),
+          "labels": labels.astype(jnp.int32), "label_lengths": label_lengths.astype(jnp.int32)}
+
+
+def make_optimizer(config: Config) -> optax.GradientTransformation:
+  if config.optimizer == "adam":
+    opt = optax.adam(config.learning_rate)
+  else:
+    opt = optax.sgd(config.learning_rate, momentum=config.momentum or None,
+                    nesterov=config.momentum > 0)
+  if config.max_grad_norm:
+    opt = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), opt)
+  return opt
+
+
+def build(config: Config, dtype: str) -> base.Model:
+  module = DeepSpeech(config, jnp.dtype(dtype))
+
+  def init(rng, batch):
+    return module.init(rng, batch["features"], batch["feature_lengths"])
+
+  def apply(variables, batch, *, train, rng):
+    del rng  # no dropout or sampling
+    logits = module.apply(variables, batch["features"], batch["feature_lengths"])
+    if train:
+      return logits, {}
+    labels, lengths = ctc_greedy_decode(logits, batch["feature_lengths"])
+    return {"labels": labels, "lengths": lengths}, {}
+
+  return base.Model(init=init, apply=apply, loss=ctc_loss, optimizer=make_optimizer(config),
+                    synthetic_batch=lambda rng, n: synthetic_batch(config, rng, n))
+
+
+# --- WAV files with phone transcripts --------------------------------------------------------
+
+
+def read_transcript(path: str) -> list[int]:
+  """Phone ids of a `.txt` (phones separated by whitespace) or TIMIT `.phn` transcript."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      lines = f.read().split("\n")
+  except UnicodeDecodeError as e:
+    raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+  except OSError as e:
+    raise DataError(f"{path}: cannot read ({e.strerror})") from None
+  timit = path.lower().endswith(".phn")
+  ids = []
+  for lineno, line in enumerate(lines, 1):
+    fields = line.split()
+    if not fields:
+      continue
+    if timit:
+      if len(fields) != 3:
+        raise DataError(f"{path}:{lineno}: want 'start end phone', got {line.strip()[:60]!r}")
+      fields = fields[2:]
+    for phone in fields:
+      if phone.lower() not in PHONE_IDS:
+        raise DataError(f"{path}:{lineno}: {phone!r} is not one of the 61 TIMIT phones")
+      ids.append(PHONE_IDS[phone.lower()])
+  if not ids:
+    raise DataError(f"{path}: empty transcript")
+  return ids
+
+
+def _transcript_for(wav_path: str) -> str:
+  stem = wav_path[:-4]
+  for ext in (".txt", ".phn", ".TXT", ".PHN"):
+    if os.path.isfile(stem + ext):
+      return stem + ext
+  raise DataError(f"{wav_path}: no transcript beside it ({os.path.basename(stem)}.txt or .phn)")
+
+
+def ctc_frames_needed(labels) -> int:
+  """Frames CTC needs to emit `labels`: one per label plus a blank between equal neighbours."""
+  return len(labels) + sum(a == b for a, b in zip(labels, labels[1:]))
+
+
+def find_wavs(path: str) -> list[str]:
+  if not os.path.isdir(path):
+    raise DataError(f"{path}: want a folder of .wav files with .txt or .phn transcripts")
+  wavs = sorted(os.path.join(root, name) for root, _, names in os.walk(path)
+                for name in names if name.lower().endswith(".wav"))
+  if not wavs:
+    raise DataError(f"{path}: no .wav files in this folder")
+  return wavs
+
+
+def load_data(config: Config, path: str):
+  """Features and phone labels of every WAV file under `path`, padded to the config's sizes."""
+  wavs = find_wavs(path)
+  kept, too_long, unalignable, rates = [], 0, 0, set()
+  for wav in wavs:
+    labels = read_transcript(_transcript_for(wav))
+    samples, rate = audio.read_wav(wav)
+    rates.add(rate)
+    feats = audio.speech_features(samples, rate)
+    if len(feats) > config.max_frames or len(labels) > config.max_labels:
+      too_long += 1
+    elif len(feats) < ctc_frames_needed(labels):
+      unalignable += 1
+    else:
+      kept.append((feats, labels))
+  if not kept:
+    raise DataError(f"{path}: no utterance fits max_frames={config.max_frames} and "
+                    f"max_labels={config.max_labels} ({too_long} too long, {unalignable} too "
+                    "short for their labels)")
+  n = len(kept)
+  features = np.zeros((n, config.max_frames, audio.FEATURES), np.float32)
+  labels = np.zeros((n, config.max_labels), np.int32)
+  feature_lengths = np.zeros((n,), np.int32)
+  label_lengths = np.zeros((n,), np.int32)
+  for i, (feats, ids) in enumerate(kept):
+    features[i, :len(feats)] = feats
+    labels[i, :len(ids)] = ids
+    feature_lengths[i], label_lengths[i] = len(feats), len(ids)
+  config = config_lib.replace(config, features=audio.FEATURES, num_classes=len(PHONE_IDS) + 1)
+  source = data_lib.ArraySource(
+      {"features": features, "feature_lengths": feature_lengths, "labels": labels,
+       "label_lengths": label_lengths},
+      description=path,
+      extra={"wav_files": len(wavs), "dropped_too_long": too_long,
+             "dropped_unalignable": unalignable, "sample_rates": sorted(rates),
+             "frames": int(feature_lengths.sum())})
+  return source, config
+
+
+WORKLOAD = base.Workload(
+    name="speech",
+    description="Deep Speech (Hannun et al. 2014): 3 clipped-ReLU layers, bidirectional RNN, "
+                "CTC over 61 phones + blank",
+    config_cls=Config,
+    presets=PRESETS,
+    build=build,
+    load_data=load_data,
+    example_unit="utterances",
+)
