@@ -118,7 +118,7 @@ class ImageFolder:
     self.classes, self.samples = scan(root)
     self.num_classes = len(self.classes)
     self.num_examples = len(self.samples)
-    self.workers = workers or min(4, os.cpu_count() or 1)
+    self.workers = workers or min(8, os.cpu_count() or 1)  # Pillow decodes without the GIL
     self.prefetch_batches = prefetch_batches
     self._decoded = 0
     self._lock = threading.Lock()
