@@ -83,6 +83,49 @@ PRESETS = {
 # --- model -----------------------------------------------------------------------------------
 
 
+def _recurrence(xs, masks, recurrent, clip):
+  """hs[t] = mask[t] * g(xs[t] + hs[t-1] @ recurrent), per direction d: xs [T, D, B, H],
+  masks [T, D, B, 1], recurrent [D, H, H]."""
+  def step(h, inputs_t):
+    x, mask = inputs_t
+    h = jnp.minimum(nn.relu(x + jnp.einsum("dbh,dhk->dbk", h, recurrent)), clip)
+    h = jnp.where(mask, h, jnp.zeros_like(h))  # padding: state stays zero
+    return h, h
+
+  _, hs = jax.lax.scan(step, jnp.zeros_like(xs[0]), (xs, masks))
+  return hs
+
+
+# Autodiff of the scan would add each step's h^T dz into the recurrent matrices' gradient inside
+# the loop (a read and write of every H x H matrix per frame); the backward pass below keeps only
+# dz @ U^T in the loop and forms dU as one matmul over all frames afterwards.
+_clipped_recurrence = jax.custom_vjp(_recurrence, nondiff_argnums=(3,))
+
+
+def _recurrence_fwd(xs, masks, recurrent, clip):
+  hs = _recurrence(xs, masks, recurrent, clip)
+  return hs, (hs, masks, recurrent)
+
+
+def _recurrence_bwd(clip, residuals, grads):
+  hs, masks, recurrent = residuals
+  active = (hs > 0) & (hs < clip) & masks  # where g passes gradient; padding never does
+  transposed = jnp.swapaxes(recurrent, 1, 2)  # once, not in every step
+
+  def step(dh_next, inputs_t):
+    g, act = inputs_t
+    dz = jnp.where(act, g + dh_next, jnp.zeros_like(g))
+    return jnp.einsum("dbk,dkh->dbh", dz, transposed), dz
+
+  _, dzs = jax.lax.scan(step, jnp.zeros_like(grads[0]), (grads, active), reverse=True)
+  previous = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]])
+  d_recurrent = jnp.einsum("tdbh,tdbk->dhk", previous, dzs, preferred_element_type=jnp.float32)
+  return dzs, None, d_recurrent.astype(recurrent.dtype)
+
+
+_clipped_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
 def bidirectional_rnn(inputs, valid, forward, backward, clip: float):
   """Clipped-ReLU recurrences over time in both directions.
 
@@ -92,16 +135,8 @@ def bidirectional_rnn(inputs, valid, forward, backward, clip: float):
   """
   xs = jnp.stack([inputs, jnp.flip(inputs, 1)])  # [2, B, T, H]
   masks = jnp.stack([valid, jnp.flip(valid, 1)])[..., None]  # [2, B, T, 1]
-  recurrent = jnp.stack([forward, backward])  # [2, H, H]
-
-  def step(h, inputs_t):
-    x, mask = inputs_t
-    h = jnp.minimum(nn.relu(x + jnp.einsum("dbh,dhk->dbk", h, recurrent)), clip)
-    h = jnp.where(mask, h, jnp.zeros_like(h))  # padding: state stays zero
-    return h, h
-
-  h0 = jnp.zeros(xs.shape[:2] + xs.shape[3:], xs.dtype)
-  _, hs = jax.lax.scan(step, h0, (jnp.moveaxis(xs, 2, 0), jnp.moveaxis(masks, 2, 0)))
+  hs = _clipped_recurrence(jnp.moveaxis(xs, 2, 0), jnp.moveaxis(masks, 2, 0),
+                           jnp.stack([forward, backward]), float(clip))
   hs = jnp.moveaxis(hs, 0, 2)  # [2, B, T, H]
   return hs[0] + jnp.flip(hs[1], 1)
 
