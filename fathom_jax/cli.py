@@ -6,7 +6,7 @@ import sys
 
 from absl import app, flags
 
-from fathom_jax.errors import UsageError
+from fathom_jax.errors import RunFailed, UsageError
 
 FLAGS = flags.FLAGS
 
@@ -24,6 +24,13 @@ flags.DEFINE_string("data", "synthetic", "'synthetic', or the path of a real dat
 flags.DEFINE_string("output_dir", "runs", "Folder that receives one run folder per run.")
 flags.DEFINE_multi_string("override", [], "Config field override, field=value; repeatable.")
 flags.DEFINE_bool("quiet", False, "Print only the summaries.")
+flags.DEFINE_bool("profile", False,
+                  "After the measured steps, run as many again under the JAX profiler: trace, "
+                  "HLO and op breakdown (ops.csv, breakdown.json, breakdown.png) in the run "
+                  "folder; `tensorboard --logdir <output_dir>` opens the traces.")
+flags.DEFINE_bool("allow_nonfinite", False,
+                  "Keep running past a NaN or infinite loss (default: stop the run, record it as "
+                  "failed, exit 1).")
 flags.DEFINE_integer("num_devices", None,
                      "Devices to run data-parallel over (global batch sharded, parameters "
                      "replicated); default: all devices of the backend.")
@@ -83,7 +90,8 @@ def specs_from_flags() -> list:
           workload=name, mode=mode, preset=FLAGS.preset, overrides=tuple(FLAGS.override),
           batch_size=FLAGS.batch_size, steps=FLAGS.steps, warmup_steps=FLAGS.warmup_steps,
           seed=FLAGS.seed, dtype=FLAGS.dtype, data=FLAGS.data, output_dir=FLAGS.output_dir,
-          backend=FLAGS.backend, num_devices=FLAGS.num_devices, quiet=FLAGS.quiet)
+          backend=FLAGS.backend, num_devices=FLAGS.num_devices,
+          allow_nonfinite=FLAGS.allow_nonfinite, profile=FLAGS.profile, quiet=FLAGS.quiet)
       for name in registry.expand(FLAGS.workload) for mode in modes
   ]
 
@@ -108,6 +116,12 @@ def main(argv: list[str]) -> None:
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except RunFailed as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  except KeyboardInterrupt:
+    print("interrupted: the result file records the steps that finished", file=sys.stderr)
+    sys.exit(130)
 
 
 def run() -> None:

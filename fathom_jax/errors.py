@@ -7,3 +7,8 @@ class UsageError(Exception):
 
 class DataError(UsageError):
   """A dataset path that does not exist or whose files are not in the expected format."""
+
+
+class RunFailed(Exception):
+  """A run that started but could not finish: a non-finite loss, memory exhausted. The result
+  file records it as failed; the command line exits 1."""

@@ -2,6 +2,7 @@
 ahead of time, times them, and writes the run's result file."""
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -14,7 +15,7 @@ import optax
 from fathom_jax import config as config_lib
 from fathom_jax import data as data_lib
 from fathom_jax import environment, results
-from fathom_jax.errors import UsageError
+from fathom_jax.errors import RunFailed, UsageError
 from fathom_jax.workloads import base, registry
 
 MODES = ("train", "infer")
@@ -38,6 +39,8 @@ class RunSpec:
   output_dir: Optional[str] = "runs"
   backend: Optional[str] = None
   num_devices: Optional[int] = None  # data-parallel width; default: every device of the backend
+  allow_nonfinite: bool = False  # keep going past a NaN/inf loss (for studies of divergence)
+  profile: bool = False  # trace the measured steps again under the profiler; op breakdown
   quiet: bool = False  # no progress lines
 
 
@@ -263,9 +266,44 @@ def place_batch(batch, placement: Placement):
   return jax.tree.map(put, batch)
 
 
+def _needed_bytes(memory: dict) -> int:
+  return (memory.get("argument_size_in_bytes", 0) + memory.get("output_size_in_bytes", 0)
+          + memory.get("temp_size_in_bytes", 0) - memory.get("alias_size_in_bytes", 0))
+
+
+def _available_bytes(device) -> Optional[int]:
+  """What one device can hold: its allocator's limit, or the host's free memory for the CPU."""
+  try:
+    stats = device.memory_stats()
+  except Exception:
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+  if device.platform == "cpu" and hasattr(os, "sysconf"):
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  return None
+
+
+def _out_of_memory(spec: RunSpec, batch_size: int, needed: Optional[int],
+                   available: Optional[int]) -> RunFailed:
+  need = f"the compiler says the step needs {_si(needed, 'B')}" if needed else "memory exhausted"
+  have = f", the device has {_si(available, 'B')} free" if available else ""
+  return RunFailed(f"out of memory: {spec.workload} {spec.mode} at batch {batch_size}: {need}"
+                   f"{have}; try a smaller --batch_size")
+
+
+def _is_oom(error: Exception) -> bool:
+  text = str(error)
+  return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
 def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
   """Runs one workload in one mode and returns its result record (also written to disk when
-  `spec.output_dir` is set)."""
+  `spec.output_dir` is set).
+
+  A run that fails (non-finite loss, memory exhausted) or is interrupted still writes its
+  record, with status 'failed' or 'interrupted' and the steps it finished, then raises.
+  """
   resolved = resolved or resolve(spec)
   devices = environment.select_devices(spec.backend)
   device = devices[0]
@@ -276,38 +314,134 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
   writes = spec.output_dir and jax.process_index() == 0  # one writer per multi-host run
   run_dir = (results.new_run_dir(spec.output_dir, spec.workload, spec.mode, spec.preset)
              if writes else None)
+  figures = {"parameters": count_parameters(model), "step_times_s": []}
+  if train:
+    figures["losses"] = []
+  record = {
+      "schema_version": results.SCHEMA_VERSION,
+      "status": "running",
+      "workload": spec.workload,
+      "mode": spec.mode,
+      "preset": spec.preset,
+      "spec": dataclasses.asdict(spec),
+      "config": config_lib.to_dict(resolved.config),
+      "example_unit": resolved.workload.example_unit,
+      "environment": environment.describe(devices),
+      "parallelism": {"num_devices": placement.num_devices, "mesh_axes": [DATA_AXIS],
+                      "num_processes": jax.process_count(),
+                      "per_device_batch": batch_size // placement.num_devices},
+      "figures": figures,
+  }
+  if run_dir:
+    record["run_dir"] = run_dir
+  try:
+    _measure(spec, model, source, batch_size, placement, figures, say, run_dir)
+    record["status"] = "completed"
+  except RunFailed as e:
+    record.update(status="failed", error=str(e))
+    raise
+  except KeyboardInterrupt:
+    record.update(status="interrupted", error="interrupted by the user")
+    raise
+  except jax.errors.JaxRuntimeError as e:
+    if not _is_oom(e):
+      raise
+    memory = figures.get("compiled_memory", {})
+    failure = _out_of_memory(spec, batch_size, _needed_bytes(memory) or None,
+                             _available_bytes(device))
+    record.update(status="failed", error=str(failure))
+    raise failure from None
+  except Exception as e:
+    record.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
+    raise
+  finally:
+    record["data"] = source.summary()
+    record["figures"] = _summarise(figures, batch_size)
+    if run_dir:
+      results.write_json_atomic(os.path.join(run_dir, results.RESULT_FILE), record)
+  return record
+
+
+def _check_batch(batch, expected, workload: str) -> None:
+  got = jax.tree.map(lambda x: (x.shape, str(x.dtype)), batch)
+  want = jax.tree.map(lambda x: (x.shape, str(x.dtype)), expected)
+  if got != want:
+    raise UsageError(f"{workload}: the data yields batches {got}, the model expects {want}")
+
+
+def _summarise(figures: dict, batch_size: int) -> dict:
+  """Adds the figures derived from the measured step times (as far as there are any)."""
+  times = figures["step_times_s"]
+  figures["steps_completed"] = len(times)
+  if not times:
+    return figures
+  timing = _percentiles(times)
+  flops = figures.get("flops_per_step")
+  figures.update(step_time_s=timing, examples_per_s=batch_size / timing["median"],
+                 flops_per_s=flops / timing["median"] if flops else None)
+  if figures.get("losses"):
+    figures["final_loss"] = figures["losses"][-1]
+  return figures
+
+
+def _measure(spec: RunSpec, model: base.Model, source, batch_size: int, placement: Placement,
+             figures: dict, say: Callable, run_dir: Optional[str] = None) -> None:
+  """Compiles the step and times it, filling `figures` as it goes."""
+  train = spec.mode == "train"
+  device = placement.mesh.devices.flat[0]
+  replicated = placement.replicated
+  # Compiled from shapes alone, so a batch too large for the device is caught by the memory
+  # check below before any of it is allocated.
+  batch_shape = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placement.batch),
+      jax.eval_shape(lambda key: model.synthetic_batch(key, batch_size), jax.random.key(0)))
+  key_shape = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                                   sharding=replicated)
+  with_sharding = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), tree)
+  if train:
+    state_shape = with_sharding(
+        jax.eval_shape(functools.partial(init_train_state, model), key_shape, batch_shape))
+    step_fn = jax.jit(make_train_step(model), donate_argnums=0, out_shardings=replicated)
+    args_shape = (state_shape, batch_shape)
+  else:
+    variables_shape = with_sharding(jax.eval_shape(model.init, key_shape, batch_shape))
+    step_fn = jax.jit(make_infer_step(model))
+    args_shape = (variables_shape, batch_shape, key_shape)
+  t0 = time.perf_counter()
+  lowered = step_fn.lower(*args_shape)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  say(f"compiled in {t2 - t0:.2f} s (lower {t1 - t0:.2f} s, compile {t2 - t1:.2f} s)")
+  cost = _cost(compiled)
+  figures.update(
+      lower_time_s=t1 - t0, compile_time_s=t2 - t1, flops_per_step=cost.get("flops"),
+      flops_source="xla_cost_analysis", bytes_accessed_per_step=cost.get("bytes_accessed"),
+      compiled_memory=_memory(compiled))
+  needed, available = _needed_bytes(figures["compiled_memory"]), _available_bytes(device)
+  if available is not None and needed > available:
+    raise _out_of_memory(spec, batch_size, needed, available)
 
   batches = _batches(source, batch_size, spec.seed, train)
   put = lambda b: place_batch(b, placement)
   first = put(next(batches))
-  replicated = placement.replicated
+  _check_batch(first, batch_shape, spec.workload)
   # Keys are made inside jit: a host-side key cannot be placed on other hosts' devices.
   make_key = jax.jit(lambda: jax.random.key(spec.seed), out_shardings=replicated)
-
-  with jax.default_device(device):
-    if train:
-      state = jax.jit(init_train_state, static_argnums=0, out_shardings=replicated)(
-          model, make_key(), first)
-      step_fn = jax.jit(make_train_step(model), donate_argnums=0, out_shardings=replicated)
-      t0 = time.perf_counter()
-      lowered = step_fn.lower(state, first)
-    else:
-      rng = make_key()
-      variables = jax.jit(model.init, out_shardings=replicated)(rng, first)
-      step_fn = jax.jit(make_infer_step(model))
-      infer_rng = jax.jit(lambda k: jax.random.fold_in(k, 1), out_shardings=replicated)(rng)
-      t0 = time.perf_counter()
-      lowered = step_fn.lower(variables, first, infer_rng)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-  say(f"compiled in {t2 - t0:.2f} s (lower {t1 - t0:.2f} s, compile {t2 - t1:.2f} s)")
+  if train:
+    state = jax.jit(init_train_state, static_argnums=0, out_shardings=replicated)(
+        model, make_key(), first)
+  else:
+    rng = make_key()
+    variables = jax.jit(model.init, out_shardings=replicated)(rng, first)
+    infer_rng = jax.jit(lambda k: jax.random.fold_in(k, 1), out_shardings=replicated)(rng)
 
   total = spec.warmup_steps + spec.steps
-  step_times, losses = [], []
   observe = getattr(source, "observe", None)
   batch = first
   log_every = max(1, total // 10)
+  last_log = time.perf_counter()
   for i in range(total):
     if i > 0:
       if observe is not None:
@@ -322,55 +456,41 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
       out = _block(compiled(variables, batch, infer_rng))
     elapsed = time.perf_counter() - start
     warm = i < spec.warmup_steps
-    if not warm:
-      step_times.append(elapsed)
     loss = float(out["loss"]) if train else None
-    if train and not warm:
-      losses.append(loss)
-    if i % log_every == 0 or i == total - 1:
+    if not warm:
+      figures["step_times_s"].append(elapsed)
+      if train:
+        figures["losses"].append(loss)
+    if train and not np.isfinite(loss):
+      message = f"{spec.workload}: non-finite loss ({loss}) at step {i + 1}"
+      if not spec.allow_nonfinite:
+        raise RunFailed(message + "; --allow_nonfinite continues past it")
+      figures.setdefault("nonfinite_steps", []).append(i + 1)
+    now = time.perf_counter()
+    if i <= spec.warmup_steps or i % log_every == 0 or i == total - 1 or now - last_log > 2.0:
+      last_log = now
       tag = "warm-up " if warm else ""
       loss_text = f" loss {loss:.4f}" if train else ""
       say(f"{tag}step {i + 1}/{total}{loss_text} {elapsed * 1e3:.1f} ms")
+  if spec.profile:  # the same number of steps again, traced; see fathom_jax.profiling
+    from fathom_jax import profiling
 
-  cost = _cost(compiled)
-  timing = _percentiles(step_times)
-  flops = cost.get("flops")
-  figures = {
-      "parameters": count_parameters(model),
-      "lower_time_s": t1 - t0,
-      "compile_time_s": t2 - t1,
-      "step_time_s": timing,
-      "step_times_s": step_times,
-      "examples_per_s": batch_size / timing["median"],
-      "flops_per_step": flops,
-      "flops_source": "xla_cost_analysis",
-      "flops_per_s": flops / timing["median"] if flops else None,
-      "bytes_accessed_per_step": cost.get("bytes_accessed"),
-      "compiled_memory": _memory(compiled),
-      "peak_device_memory_bytes": _peak_device_memory(device),
-  }
-  if train:
-    figures.update(losses=losses, final_loss=losses[-1])
-  record = {
-      "schema_version": results.SCHEMA_VERSION,
-      "status": "completed",
-      "workload": spec.workload,
-      "mode": spec.mode,
-      "preset": spec.preset,
-      "spec": dataclasses.asdict(spec),
-      "config": config_lib.to_dict(resolved.config),
-      "example_unit": resolved.workload.example_unit,
-      "data": source.summary(),
-      "environment": environment.describe(devices),
-      "parallelism": {"num_devices": placement.num_devices, "mesh_axes": [DATA_AXIS],
-                      "num_processes": jax.process_count(),
-                      "per_device_batch": batch_size // placement.num_devices},
-      "figures": figures,
-  }
-  if run_dir:
-    record["run_dir"] = run_dir
-    results.write_json_atomic(os.path.join(run_dir, results.RESULT_FILE), record)
-  return record
+    def prepare():
+      if observe is not None:
+        observe(state if train else variables)
+      return _block(put(next(batches)))
+
+    def run(batch):
+      nonlocal state
+      if train:
+        state, metrics = compiled(state, batch)
+        return _block(metrics)
+      return _block(compiled(variables, batch, infer_rng))
+
+    figures["profile"] = profiling.capture(
+        run_dir, spec.mode, spec.steps, prepare, run, lowered, compiled, figures["step_times_s"],
+        say, f"{spec.workload} {spec.mode} ({spec.preset})")
+  figures["peak_device_memory_bytes"] = _peak_device_memory(device)
 
 
 def _si(value: Optional[float], unit: str) -> str:
@@ -384,6 +504,9 @@ def _si(value: Optional[float], unit: str) -> str:
 
 def format_summary(record: dict) -> str:
   f = record["figures"]
+  if not f["step_times_s"]:
+    return (f"== {record['workload']} {record['mode']}: {record['status']} before any measured "
+            f"step: {record.get('error', '')}")
   t = f["step_time_s"]
   mem = f["peak_device_memory_bytes"]
   if mem is None and f["compiled_memory"]:

@@ -1,0 +1,109 @@
+"""Failures are loud, precise and harmless: non-finite loss, memory exhausted, interruption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _popen(*args):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+  return subprocess.Popen([sys.executable, os.path.join(ROOT, "run.py"), *args],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _run(*args):
+  proc = _popen(*args)
+  out, err = proc.communicate(timeout=300)
+  return proc.returncode, out, err
+
+
+def _only_result(folder):
+  (run_dir,) = os.listdir(folder)
+  files = os.listdir(os.path.join(folder, run_dir))
+  assert not [f for f in files if f.startswith(".tmp")]
+  return json.load(open(os.path.join(folder, run_dir, "result.json")))
+
+
+def test_nonfinite_loss_stops_the_run_and_is_recorded(tmp_path):
+  code, _, err = _run("--workload=autoenc", "--preset=tiny", "--steps=5", "--warmup_steps=0",
+                      "--override=learning_rate=1e30", f"--output_dir={tmp_path}")
+  assert code == 1
+  assert err.strip().startswith("error: autoenc: non-finite loss (nan) at step 2")
+  assert "Traceback" not in err
+  record = _only_result(tmp_path)
+  assert record["status"] == "failed" and "step 2" in record["error"]
+  assert record["figures"]["steps_completed"] == 2
+
+
+def test_allow_nonfinite_continues(tmp_path):
+  code, _, err = _run("--workload=autoenc", "--preset=tiny", "--steps=4", "--warmup_steps=0",
+                      "--override=learning_rate=1e30", "--allow_nonfinite",
+                      f"--output_dir={tmp_path}")
+  assert code == 0, err
+  record = _only_result(tmp_path)
+  assert record["status"] == "completed"
+  assert record["figures"]["steps_completed"] == 4
+  assert record["figures"]["nonfinite_steps"] == [2, 3, 4]
+
+
+def test_batch_too_large_for_memory_is_explained(tmp_path):
+  code, _, err = _run("--workload=autoenc", "--preset=paper", "--batch_size=20000000",
+                      f"--output_dir={tmp_path}")
+  assert code == 1
+  line, = err.strip().splitlines()
+  assert line.startswith("error: out of memory: autoenc train at batch 20000000: the compiler "
+                         "says the step needs ")
+  assert "free; try a smaller --batch_size" in line
+  assert _only_result(tmp_path)["status"] == "failed"
+
+
+def _wait_for(proc, text: str, timeout: float = 120) -> None:
+  deadline = time.time() + timeout
+  for line in proc.stdout:
+    if text in line:
+      return
+    assert time.time() < deadline, "timed out"
+  raise AssertionError(f"process ended before printing {text!r}: {proc.stderr.read()[-2000:]}")
+
+
+def test_ctrl_c_writes_an_interrupted_result(tmp_path):
+  proc = _popen("--workload=memnet", "--preset=tiny", "--steps=2000000", "--warmup_steps=1",
+                f"--output_dir={tmp_path}")
+  _wait_for(proc, "step 2/")
+  time.sleep(0.5)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=60)
+  assert proc.returncode == 130, err
+  assert "Traceback" not in err and "interrupted" in err
+  record = _only_result(tmp_path)
+  assert record["status"] == "interrupted"
+  steps = record["figures"]["steps_completed"]
+  assert 0 < steps < 2000000
+  assert len(record["figures"]["losses"]) == steps == len(record["figures"]["step_times_s"])
+
+
+def test_kill_9_leaves_no_partial_result(tmp_path):
+  proc = _popen("--workload=memnet", "--preset=tiny", "--steps=2000000", "--warmup_steps=1",
+                f"--output_dir={tmp_path}")
+  _wait_for(proc, "step 2/")
+  proc.kill()
+  proc.communicate(timeout=60)
+  (run_dir,) = os.listdir(tmp_path)
+  assert os.listdir(tmp_path / run_dir) == []  # no result.json at all, rather than a broken one
+
+
+def test_concurrent_runs_never_share_a_folder(tmp_path):
+  procs = [_popen("--workload=memnet", "--preset=tiny", "--steps=2", f"--output_dir={tmp_path}",
+                  "--quiet") for _ in range(3)]
+  for p in procs:
+    p.communicate(timeout=300)
+    assert p.returncode == 0
+  run_dirs = os.listdir(tmp_path)
+  assert len(run_dirs) == 3
+  for d in run_dirs:
+    assert json.load(open(tmp_path / d / "result.json"))["status"] == "completed"
