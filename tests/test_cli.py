@@ -73,6 +73,16 @@ def test_flagfile_and_batch_size(tmp_path):
     (["--workload=memnet", "--no_such_flag=1"], "no_such_flag"),
     (["--workload=memnet", "extra"], "unexpected arguments"),
     (["--workload=,"], "--workload is empty"),
+    (["--workload=memnet", "--warmup_steps=-1"], "--warmup_steps must be >= 0"),
+    (["--workload=memnet", "--seed=x"], "--seed"),
+    (["--workload=memnet", "--batch_size=-3"], "--batch_size must be positive"),
+    (["--workload=memnet", "--override=nope=1"], "unknown config field 'nope'"),
+    (["--workload=memnet", "--override=learning_rate=fast"], "wants a number"),
+    (["--workload=memnet", "--cpu_devices=0"], "--cpu_devices must be positive"),
+    (["--workload=memnet", "--num_processes=0"], "--num_processes must be positive"),
+    (["--workload=memnet", "--num_processes=2", "--process_id=5"], "--process_id must be in"),
+    (["--workload=memnet", "--profile=maybe"], "--profile"),
+    (["--workload=memnet", "--preset="], "unknown preset ''"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
   proc = run_cli(*args, f"--output_dir={tmp_path / 'runs'}")

@@ -1,0 +1,37 @@
+"""Property tests: the HLO parser on mutated real HLO either parses or raises our DataError."""
+
+import os
+
+from hypothesis import given, settings, strategies as st
+
+from fathom_jax.analysis import hlo
+from fathom_jax.errors import DataError
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+SAMPLES = sorted(f for f in os.listdir(DATA) if f.endswith(".hlo.txt"))
+TEXTS = [open(os.path.join(DATA, f)).read() for f in SAMPLES]
+
+
+def _parse_or_clear_error(text: str) -> None:
+  try:
+    hlo.parse_module(text, path="mutated.hlo.txt")
+  except DataError as e:
+    assert str(e).startswith("mutated.hlo.txt"), e
+    assert "\n" not in str(e)
+
+
+@settings(max_examples=150, deadline=None)
+@given(sample=st.sampled_from(TEXTS), data=st.data())
+def test_truncated_or_cut_hlo(sample, data):
+  start = data.draw(st.integers(0, len(sample)))
+  end = data.draw(st.integers(start, min(len(sample), start + 200)))
+  _parse_or_clear_error(sample[:start])
+  _parse_or_clear_error(sample[:start] + sample[end:])
+
+
+@settings(max_examples=150, deadline=None)
+@given(sample=st.sampled_from(TEXTS), data=st.data(),
+       junk=st.text(alphabet=st.sampled_from(list("{}[]()=,%:\"'\n x0.-/*")), max_size=12))
+def test_hlo_with_inserted_junk(sample, data, junk):
+  at = data.draw(st.integers(0, len(sample)))
+  _parse_or_clear_error(sample[:at] + junk + sample[at:])
