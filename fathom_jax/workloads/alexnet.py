@@ -96,20 +96,7 @@ class AlexNet(nn.Module):
 
 
 def build(config: Config, dtype: str) -> base.Model:
-  module = AlexNet(config, jnp.dtype(dtype))
-
-  def init(rng, batch):
-    return module.init(rng, batch["images"], train=False)
-
-  def apply(variables, batch, *, train, rng):
-    rngs = {"dropout": rng} if train else {}
-    return module.apply(variables, batch["images"], train=train, rngs=rngs), {}
-
-  return base.Model(
-      init=init, apply=apply, loss=vision.cross_entropy,
-      optimizer=vision.make_optimizer(config),
-      synthetic_batch=lambda rng, n: vision.synthetic_batch(
-          config.image_size, config.num_classes, rng, n))
+  return vision.build_classifier(AlexNet(config, jnp.dtype(dtype)), config)
 
 
 WORKLOAD = base.Workload(

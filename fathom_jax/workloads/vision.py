@@ -16,6 +16,7 @@ import optax
 from fathom_jax import config as config_lib
 from fathom_jax import images as images_lib
 from fathom_jax.errors import UsageError
+from fathom_jax.workloads import base
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -110,3 +111,19 @@ def load_data(config, path: str):
   """An ImageNet-style folder; the number of classes comes from its sub-folders."""
   source = images_lib.ImageFolder(path, config.image_size)
   return source, config_lib.replace(config, num_classes=source.num_classes)
+
+
+def build_classifier(module, config) -> base.Model:
+  """Model of a classifier without mutable state, whose only randomness is dropout."""
+
+  def init(rng, batch):
+    return module.init(rng, batch["images"], train=False)
+
+  def apply(variables, batch, *, train, rng):
+    rngs = {"dropout": rng} if train else {}
+    return module.apply(variables, batch["images"], train=train, rngs=rngs), {}
+
+  return base.Model(
+      init=init, apply=apply, loss=cross_entropy, optimizer=make_optimizer(config),
+      synthetic_batch=lambda rng, n: synthetic_batch(
+          config.image_size, config.num_classes, rng, n))
