@@ -34,6 +34,12 @@ flags.DEFINE_bool("allow_nonfinite", False,
 flags.DEFINE_integer("num_devices", None,
                      "Devices to run data-parallel over (global batch sharded, parameters "
                      "replicated); default: all devices of the backend.")
+flags.DEFINE_enum("execution", "compiled", ["compiled", "unfused", "eager"],
+                  "How the step runs: compiled by XLA; compiled with XLA's fusion passes off "
+                  "(each op its own kernel); or eager, dispatched op by op from Python.")
+flags.DEFINE_integer("cpus", None,
+                     "Pin the process to the first N CPUs it may use, before JAX starts (XLA's "
+                     "CPU thread pools follow the mask): the CPU thread-scaling knob.")
 flags.DEFINE_integer("cpu_devices", None,
                      "Split the host CPU into this many JAX devices (for data-parallel runs on one "
                      "machine).")
@@ -57,6 +63,15 @@ def parse_flags(argv: list[str]) -> list[str]:
           file=sys.stderr)
     sys.exit(2)
   return rest
+
+
+def _pin_cpus(count: int) -> None:
+  import os
+  allowed = sorted(os.sched_getaffinity(0))
+  if not 1 <= count <= len(allowed):
+    raise UsageError(f"--cpus must be in [1, {len(allowed)}] (the CPUs this process may use), "
+                     f"got {count}")
+  os.sched_setaffinity(0, allowed[:count])
 
 
 def _start_backends() -> None:
@@ -91,7 +106,8 @@ def specs_from_flags() -> list:
           batch_size=FLAGS.batch_size, steps=FLAGS.steps, warmup_steps=FLAGS.warmup_steps,
           seed=FLAGS.seed, dtype=FLAGS.dtype, data=FLAGS.data, output_dir=FLAGS.output_dir,
           backend=FLAGS.backend, num_devices=FLAGS.num_devices,
-          allow_nonfinite=FLAGS.allow_nonfinite, profile=FLAGS.profile, quiet=FLAGS.quiet)
+          allow_nonfinite=FLAGS.allow_nonfinite, profile=FLAGS.profile, quiet=FLAGS.quiet,
+          execution=FLAGS.execution)
       for name in registry.expand(FLAGS.workload) for mode in modes
   ]
 
@@ -100,6 +116,12 @@ def main(argv: list[str]) -> None:
   del argv  # parse_flags rejects positional arguments
   # JAX logs each backend it fails to find (e.g. no libtpu) at INFO; that is not news to a user.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  try:
+    if FLAGS.cpus is not None:
+      _pin_cpus(FLAGS.cpus)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   import jax
   from fathom_jax import runner
   try:

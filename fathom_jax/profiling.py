@@ -75,12 +75,15 @@ def _timing(times: list[float]) -> dict:
 
 
 def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[], Any],
-            run: Callable[[Any], Any], lowered, compiled, unprofiled_times: list[float],
+            run: Callable[[Any], Any], programs: Optional[tuple[Any, Any]],
+            unprofiled_times: list[float],
             say: Callable[[str], None], title: str = "") -> dict:
   """Runs `steps` steps under the profiler and analyses the trace.
 
   prepare() -> inputs of one step (not timed, outside the step annotation);
   run(inputs) runs the step to completion (timed, inside the annotation).
+  programs: (lowered, compiled) of the step, whose HLO and analyses are saved; None when the step
+  runs no single program (eager execution).
   Without a run folder (other hosts of a multi-host run) the trace goes to a temporary folder
   and is discarded: every process must still run the steps.
   """
@@ -88,8 +91,8 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
 
   keep = run_dir is not None
   trace_dir = run_dir if keep else tempfile.mkdtemp(prefix="fathom-profile-")
-  if keep:
-    save_programs(run_dir, lowered, compiled)
+  if keep and programs is not None:
+    save_programs(run_dir, *programs)
   options = jax.profiler.ProfileOptions()
   # Op events and step annotations are level-1 host events; Python function events and the
   # level-2 detail (thread-pool regions) slowed memnet's paper step by 10-15% here, level 1 by 4%.

@@ -20,6 +20,13 @@ from fathom_jax.workloads import base, registry
 
 MODES = ("train", "infer")
 DTYPES = ("float32", "bfloat16")
+# How the step executes: as XLA compiles it; compiled with every fusion pass off, so each op is
+# its own kernel; or dispatched op by op from Python, loops unrolled (the 2016 graph executors'
+# view of the program).
+EXECUTIONS = ("compiled", "unfused", "eager")
+# Pass names of the fusion passes of XLA's CPU and GPU pipelines; unknown names are ignored.
+FUSION_PASSES = ("fusion", "priority-fusion", "multi_output_fusion", "horizontal-loop-fusion",
+                 "fusion-merger", "sibling-multi-output-fusion", "cpu-instruction-fusion")
 OPTIMIZER_SCOPE = "optimizer"  # named scope of the update, so the analysis can find it in HLO
 
 
@@ -41,6 +48,7 @@ class RunSpec:
   num_devices: Optional[int] = None  # data-parallel width; default: every device of the backend
   allow_nonfinite: bool = False  # keep going past a NaN/inf loss (for studies of divergence)
   profile: bool = False  # trace the measured steps again under the profiler; op breakdown
+  execution: str = "compiled"  # one of EXECUTIONS
   quiet: bool = False  # no progress lines
 
 
@@ -125,6 +133,9 @@ def resolve(spec: RunSpec) -> Resolved:
     raise UsageError(f"unknown mode {spec.mode!r}; modes are: {', '.join(MODES)}")
   if spec.dtype not in DTYPES:
     raise UsageError(f"unknown dtype {spec.dtype!r}; dtypes are: {', '.join(DTYPES)}")
+  if spec.execution not in EXECUTIONS:
+    raise UsageError(f"unknown execution {spec.execution!r}; executions are: "
+                     f"{', '.join(EXECUTIONS)}")
   for name in ("steps", "warmup_steps"):
     if getattr(spec, name) < (1 if name == "steps" else 0):
       raise UsageError(f"--{name} must be {'positive' if name == 'steps' else '>= 0'}, "
@@ -411,7 +422,8 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int, placemen
   t0 = time.perf_counter()
   lowered = step_fn.lower(*args_shape)
   t1 = time.perf_counter()
-  compiled = lowered.compile()
+  # Eager runs compile too: the compiled program's cost and memory analyses describe the step.
+  compiled = lowered.compile(**compile_options(spec.execution))
   t2 = time.perf_counter()
   say(f"compiled in {t2 - t0:.2f} s (lower {t1 - t0:.2f} s, compile {t2 - t1:.2f} s)")
   cost = _cost(compiled)
@@ -437,6 +449,9 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int, placemen
     variables = jax.jit(model.init, out_shardings=replicated)(rng, first)
     infer_rng = jax.jit(lambda k: jax.random.fold_in(k, 1), out_shardings=replicated)(rng)
 
+  call = compiled
+  if spec.execution == "eager":
+    call = eager_step(make_train_step(model) if train else make_infer_step(model))
   total = spec.warmup_steps + spec.steps
   observe = getattr(source, "observe", None)
   batch = first
@@ -450,10 +465,10 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int, placemen
       _block(batch)
     start = time.perf_counter()
     if train:
-      state, metrics = compiled(state, batch)
+      state, metrics = call(state, batch)
       out = _block(metrics)
     else:
-      out = _block(compiled(variables, batch, infer_rng))
+      out = _block(call(variables, batch, infer_rng))
     elapsed = time.perf_counter() - start
     warm = i < spec.warmup_steps
     loss = float(out["loss"]) if train else None
@@ -483,14 +498,30 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int, placemen
     def run(batch):
       nonlocal state
       if train:
-        state, metrics = compiled(state, batch)
+        state, metrics = call(state, batch)
         return _block(metrics)
-      return _block(compiled(variables, batch, infer_rng))
+      return _block(call(variables, batch, infer_rng))
 
+    # An eager step runs one small program per op (the trace embeds them), not this one.
+    programs = None if spec.execution == "eager" else (lowered, compiled)
     figures["profile"] = profiling.capture(
-        run_dir, spec.mode, spec.steps, prepare, run, lowered, compiled, figures["step_times_s"],
+        run_dir, spec.mode, spec.steps, prepare, run, programs, figures["step_times_s"],
         say, f"{spec.workload} {spec.mode} ({spec.preset})")
   figures["peak_device_memory_bytes"] = _peak_device_memory(device)
+
+
+def compile_options(execution: str) -> dict:
+  if execution == "unfused":
+    return {"compiler_options": {"xla_disable_hlo_passes": ",".join(FUSION_PASSES)}}
+  return {}
+
+
+def eager_step(step: Callable) -> Callable:
+  """`step` dispatched primitive by primitive: jit disabled inside it, loops run in Python."""
+  def run(*args):
+    with jax.disable_jit():
+      return step(*args)
+  return run
 
 
 def _si(value: Optional[float], unit: str) -> str:
