@@ -7,6 +7,7 @@ import sys
 from absl import app, flags
 
 from fathom_jax.errors import RunFailed, UsageError
+from fathom_jax.flagparse import parse_flags
 
 FLAGS = flags.FLAGS
 
@@ -49,20 +50,6 @@ flags.DEFINE_bool("distributed", False,
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-  """absl's parser, with its errors turned into one line and exit status 2."""
-  try:
-    rest = FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}".splitlines()[0], file=sys.stderr)
-    sys.exit(2)
-  if len(rest) > 1:
-    print(f"error: unexpected arguments: {' '.join(rest[1:])} (flags are --name=value)",
-          file=sys.stderr)
-    sys.exit(2)
-  return rest
 
 
 def _pin_cpus(count: int) -> None:

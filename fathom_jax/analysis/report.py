@@ -1,0 +1,549 @@
+"""The report of a study folder (see fathom_jax.study): Markdown, figures (PNG) and tables (CSV).
+
+Sections: the suite's runs and breakdowns, training versus inference, similarity (cosine distance,
+average-linkage dendrograms), fused versus per-op execution, CPU thread scaling with an Amdahl fit,
+device scaling with communication time, and a roofline against the peaks measured in the study.
+Each section uses the points that finished; missing or failed ones are listed, not guessed.
+"""
+
+import csv
+import dataclasses
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from fathom_jax import results
+from fathom_jax.analysis import breakdown, categories, roofline, scaling, similarity
+from fathom_jax.errors import DataError
+
+REPORT_FILE = "report.md"
+FIGURES = "figures"
+TABLES = "tables"
+CLASSES = categories.CLASSES
+EXECUTIONS = ("compiled", "unfused", "eager")
+
+
+@dataclasses.dataclass
+class Run:
+  """A point of the study with what its run left on disk."""
+  point: object  # fathom_jax.study.Point
+  status: str  # 'completed', 'failed' or 'missing'
+  error: Optional[str] = None
+  record: Optional[dict] = None
+  summary: Optional[dict] = None  # breakdown.json
+  ops: Optional[list] = None  # ops.csv rows
+  command: str = ""
+  run_dir: Optional[str] = None
+
+  @property
+  def step_s(self) -> float:
+    return self.record["figures"]["step_time_s"]["median"]
+
+  def class_ms(self, cls: str) -> float:
+    entry = (self.summary or {}).get("by_class", {}).get(cls)
+    return entry["time_per_step_s"] * 1e3 if entry else 0.0
+
+  @property
+  def ops_per_step(self) -> float:
+    return sum(int(r["occurrences"]) for r in self.ops) / self.summary["steps"]
+
+  @property
+  def bytes_per_step(self) -> float:
+    return sum(float(r["bytes"]) * int(r["occurrences"]) for r in self.ops) / self.summary["steps"]
+
+
+def _settings(saved: dict):
+  from fathom_jax import study
+  fields = {f.name: f for f in dataclasses.fields(study.Settings)}
+  values = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields}
+  return study.Settings(**values)
+
+
+def load(study_dir: str) -> tuple[dict, list[Run], Optional[dict]]:
+  """(study.json, runs in plan order, peaks or None)."""
+  from fathom_jax import study
+  path = os.path.join(study_dir, study.STUDY_FILE)
+  try:
+    with open(path) as f:
+      meta = json.load(f)
+    settings = _settings(meta["settings"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise DataError(f"{path}: not a readable study file ({type(e).__name__})") from None
+  runs = []
+  for point in study.plan(settings):
+    outcome = study.point_outcome(study.point_dir(study_dir, point.id))
+    run = Run(point, "missing", command=meta.get("points", {}).get(point.id, ""))
+    if outcome is not None:
+      run.status, run.error = outcome["status"], outcome.get("error")
+      if outcome.get("run_dir"):
+        run.run_dir = outcome["run_dir"]
+        run.record = results.read_result(run.run_dir)
+        run.summary, run.ops = _breakdown(outcome["run_dir"])
+        if run.status == "completed" and run.summary is None:
+          run.status, run.error = "failed", "the run left no op breakdown"
+    runs.append(run)
+  peaks_path = os.path.join(study_dir, study.RUNS_DIR, study.PEAKS_POINT, "peaks.json")
+  peaks = None
+  if os.path.exists(peaks_path):
+    with open(peaks_path) as f:
+      peaks = json.load(f)
+  return meta, runs, peaks
+
+
+def _breakdown(run_dir: str) -> tuple[Optional[dict], Optional[list]]:
+  summary_path = os.path.join(run_dir, breakdown.BREAKDOWN_FILE)
+  ops_path = os.path.join(run_dir, breakdown.OPS_FILE)
+  if not (os.path.exists(summary_path) and os.path.exists(ops_path)):
+    return None, None
+  with open(summary_path) as f:
+    summary = json.load(f)
+  with open(ops_path, newline="") as f:
+    ops = list(csv.DictReader(f))
+  return summary, ops
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables: lists of dicts, written as CSV and rendered as Markdown.
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  fields = list(dict.fromkeys(k for r in rows for k in r))
+  with open(path, "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _fmt(value) -> str:
+  if value is None:
+    return "–"
+  if isinstance(value, float):
+    if not np.isfinite(value):
+      return "–"
+    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+  return str(value)
+
+
+def markdown_table(rows: list[dict], columns: Optional[list[str]] = None) -> str:
+  if not rows:
+    return "_no finished runs_\n"
+  columns = columns or list(rows[0])
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |" for r in rows]
+  return "\n".join(lines) + "\n"
+
+
+def _completed(runs: list[Run], kind: str) -> list[Run]:
+  return [r for r in runs if r.point.kind == kind and r.status == "completed"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections. Each returns (rows, facts) from runs; plotting is separate.
+
+
+def suite_rows(runs: list[Run], peaks: Optional[dict]) -> list[dict]:
+  peak = peaks["matmul_flops_per_s"] if peaks else None
+  rows = []
+  for r in _completed(runs, "suite"):
+    f = r.record["figures"]
+    flops = r.summary.get("model_flops_per_step") or f.get("flops_per_step")
+    rows.append({
+        "workload": r.point.workload, "mode": r.point.mode, "batch": r.record["config"]["batch_size"],
+        "step_ms": r.step_s * 1e3, "throughput_per_s": f["examples_per_s"],
+        "unit": r.record["example_unit"], "model_gflop_per_step": (flops or 0) / 1e9,
+        "gflop_per_s": (flops or 0) / r.step_s / 1e9,
+        "mfu": (flops or 0) / r.step_s / peak if peak else None,
+        "coverage": r.summary["coverage"],
+        "profiling_overhead": f.get("profile", {}).get("overhead"),
+        **{f"share:{c}": r.summary["by_class"].get(c, {}).get("share_of_step", 0.0)
+           for c in CLASSES},
+    })
+  return rows
+
+
+def train_vs_infer_rows(runs: list[Run]) -> list[dict]:
+  by_key = {(r.point.workload, r.point.mode): r for r in _completed(runs, "suite")}
+  rows = []
+  for workload in dict.fromkeys(r.point.workload for r in runs if r.point.kind == "suite"):
+    train, infer = by_key.get((workload, "train")), by_key.get((workload, "infer"))
+    if not (train and infer):
+      continue
+    per_example = lambda r: r.step_s / r.record["config"]["batch_size"]
+    rows.append({
+        "workload": workload, "train_ms": train.step_s * 1e3, "infer_ms": infer.step_s * 1e3,
+        "train_batch": train.record["config"]["batch_size"],
+        "infer_batch": infer.record["config"]["batch_size"],
+        # Per example, so batch sizes that differ between modes (deepq acts one state at a
+        # time) compare fairly.
+        "train_over_infer_per_example": per_example(train) / per_example(infer),
+        "train_top_class": _top_class(train), "infer_top_class": _top_class(infer),
+    })
+  return rows
+
+
+def _top_class(run: Run) -> str:
+  by_class = run.summary["by_class"]
+  return max(by_class, key=lambda c: by_class[c]["time_s"]) if by_class else ""
+
+
+def similarity_of(runs: list[Run], mode: str) -> tuple[list[str], np.ndarray]:
+  shares = {r.point.workload: {c: v["time_s"] for c, v in r.summary["by_class"].items()}
+            for r in _completed(runs, "suite") if r.point.mode == mode}
+  return similarity.class_vectors(shares, CLASSES)
+
+
+def fusion_rows(runs: list[Run]) -> list[dict]:
+  compiled = {r.point.workload: r for r in _completed(runs, "suite") if r.point.mode == "train"}
+  rows = []
+  for workload in dict.fromkeys(r.point.workload for r in runs if r.point.kind == "fusion"):
+    variants = {"compiled": compiled.get(workload)}
+    for r in _completed(runs, "fusion"):
+      if r.point.workload == workload:
+        variants[r.point.execution] = r
+    base = variants["compiled"]
+    for execution in EXECUTIONS:
+      r = variants.get(execution)
+      if r is None:
+        continue
+      rows.append({
+          "workload": workload, "execution": execution, "step_ms": r.step_s * 1e3,
+          "slowdown_vs_compiled": r.step_s / base.step_s if base else None,
+          "ops_per_step": r.ops_per_step, "mb_moved_per_step": r.bytes_per_step / 1e6,
+          "coverage": r.summary["coverage"],
+          "classes_present": sum(1 for c in CLASSES if r.class_ms(c) > 0),
+          **{f"ms:{c}": r.class_ms(c) for c in CLASSES},
+      })
+  return rows
+
+
+def fusion_findings(rows: list[dict]) -> list[str]:
+  """Plain sentences on what fusion removes and where the per-op view misleads."""
+  findings = []
+  by = {(r["workload"], r["execution"]): r for r in rows}
+  for workload in dict.fromkeys(r["workload"] for r in rows):
+    compiled, unfused, eager = (by.get((workload, e)) for e in EXECUTIONS)
+    if compiled and unfused:
+      shrunk = sorted(((unfused[f"ms:{c}"] - compiled[f"ms:{c}"], c) for c in CLASSES),
+                      reverse=True)
+      removed = [f"{c} ({unfused[f'ms:{c}']:.3g} → {compiled[f'ms:{c}']:.3g} ms)"
+                 for d, c in shrunk[:2] if d > 0]
+      findings.append(
+          f"**{workload}**: fusion runs {unfused['ops_per_step']:.0f} ops as "
+          f"{compiled['ops_per_step']:.0f} kernels, buys {unfused['step_ms'] / compiled['step_ms']:.2f}× "
+          f"over the unfused program and moves {compiled['mb_moved_per_step']:.3g} MB instead of "
+          f"{unfused['mb_moved_per_step']:.3g} MB per step"
+          + (f"; it shrinks most {', '.join(removed)}." if removed else "."))
+    if compiled and eager:
+      share = lambda r, c: r[f"ms:{c}"] / max(sum(r[f"ms:{k}"] for k in CLASSES), 1e-12)
+      gaps = sorted(((share(eager, c) - share(compiled, c), c) for c in CLASSES),
+                    key=lambda x: -abs(x[0]))
+      gap, cls = gaps[0]
+      findings.append(
+          f"**{workload}**, per-op view: eager dispatch takes {eager['step_ms'] / compiled['step_ms']:.1f}× "
+          f"the compiled step and its ops cover only {eager['coverage']:.0%} of it (the rest is "
+          f"Python and dispatch); among op time, {cls} is {share(eager, cls):.0%} per-op but "
+          f"{share(compiled, cls):.0%} compiled ({gap * 100:+.0f} points).")
+  return findings
+
+
+def thread_rows(runs: list[Run]) -> tuple[list[dict], list[dict]]:
+  """(per point rows, per workload Amdahl fits with per-class speedups)."""
+  rows, fits = [], []
+  for workload in dict.fromkeys(r.point.workload for r in runs if r.point.kind == "threads"):
+    mine = sorted((r for r in _completed(runs, "threads") if r.point.workload == workload),
+                  key=lambda r: r.point.cpus)
+    if not mine:
+      continue
+    counts, times = [r.point.cpus for r in mine], [r.step_s for r in mine]
+    for r, s in zip(mine, scaling.speedups(counts, times)):
+      rows.append({"workload": workload, "cpus": r.point.cpus, "step_ms": r.step_s * 1e3,
+                   "speedup": s, **{f"ms:{c}": r.class_ms(c) for c in CLASSES}})
+    fit = scaling.amdahl_fit(counts, times)
+    first, last = mine[0], mine[-1]
+    class_speedup = {f"speedup:{c}": first.class_ms(c) / last.class_ms(c)
+                     for c in CLASSES if first.class_ms(c) > 0 and last.class_ms(c) > 0}
+    fits.append({"workload": workload, "cpus": f"{counts[0]}–{counts[-1]}",
+                 "speedup": times[0] / times[-1], **fit, **class_speedup})
+  return rows, fits
+
+
+def device_rows(runs: list[Run]) -> list[dict]:
+  rows = []
+  for workload in dict.fromkeys(r.point.workload for r in runs if r.point.kind == "devices"):
+    mine = sorted((r for r in _completed(runs, "devices") if r.point.workload == workload),
+                  key=lambda r: r.point.devices)
+    if not mine:
+      continue
+    for r, s in zip(mine, scaling.speedups([r.point.devices for r in mine],
+                                           [r.step_s for r in mine])):
+      comm = r.class_ms(categories.COMMUNICATION)
+      rows.append({"workload": workload, "devices": r.point.devices,
+                   "global_batch": r.record["config"]["batch_size"], "step_ms": r.step_s * 1e3,
+                   "speedup": s, "throughput_per_s": r.record["figures"]["examples_per_s"],
+                   "communication_ms": comm,
+                   "communication_share": r.summary["by_class"].get(
+                       categories.COMMUNICATION, {}).get("share_of_step", 0.0)})
+  return rows
+
+
+def roofline_points(runs: list[Run]) -> list[dict]:
+  return [p for r in _completed(runs, "suite")
+          for p in roofline.op_points(r.ops, f"{r.point.workload} {r.point.mode}")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures.
+
+
+def _plt():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def plot_class_bars(panels: list[tuple[str, list[str], list[dict]]], path: str, title: str,
+                    key: str = "share") -> None:
+  """Stacked horizontal bars of time per class; panels: (title, labels, {class: value} each)."""
+  plt = _plt()
+  height = max(len(labels) for _, labels, _ in panels) * 0.35 + 1.5
+  fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels) + 2, height), squeeze=False)
+  cmap = plt.get_cmap("tab10")
+  for ax, (name, labels, values) in zip(axes[0], panels):
+    left = np.zeros(len(labels))
+    for i, cls in enumerate(CLASSES):
+      widths = np.array([v.get(cls, 0.0) for v in values]) * (100 if key == "share" else 1)
+      if widths.any():
+        ax.barh(labels, widths, left=left, color=cmap(i % 10), label=cls)
+        left += widths
+    ax.invert_yaxis()
+    ax.set_title(name, fontsize=9, loc="left")
+    ax.set_xlabel("% of step time" if key == "share" else "ms per step")
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95),
+             frameon=False)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+
+def plot_scaling(rows: list[dict], x: str, path: str, title: str,
+                 fits: Optional[list[dict]] = None) -> None:
+  plt = _plt()
+  fig, ax = plt.subplots(figsize=(6, 4))
+  workloads = list(dict.fromkeys(r["workload"] for r in rows))
+  xs_all = sorted({r[x] for r in rows})
+  ax.plot(xs_all, [n / xs_all[0] for n in xs_all], color="grey", ls=":", label="linear")
+  cmap = plt.get_cmap("tab10")
+  for i, w in enumerate(workloads):
+    mine = [r for r in rows if r["workload"] == w]
+    ax.plot([r[x] for r in mine], [r["speedup"] for r in mine], "o-", color=cmap(i % 10), label=w)
+    fit = next((f for f in fits or [] if f["workload"] == w), None)
+    if fit and fit["parallel_fraction"] is not None:
+      grid = np.linspace(xs_all[0], xs_all[-1], 50)
+      curve = scaling.amdahl_speedup(fit["parallel_fraction"], grid)
+      ax.plot(grid, curve / scaling.amdahl_speedup(fit["parallel_fraction"], xs_all[0]),
+              ls="--", lw=0.8, color=cmap(i % 10))
+  ax.set_xlabel(x)
+  ax.set_ylabel(f"step speedup over {xs_all[0]} {x}")
+  ax.set_xticks(xs_all)
+  ax.set_title(title, fontsize=10)
+  ax.legend(fontsize=7, ncol=2)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_devices(rows: list[dict], path: str, title: str) -> None:
+  plt = _plt()
+  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+  cmap = plt.get_cmap("tab10")
+  for i, w in enumerate(dict.fromkeys(r["workload"] for r in rows)):
+    mine = [r for r in rows if r["workload"] == w]
+    n = [r["devices"] for r in mine]
+    a.plot(n, [r["throughput_per_s"] / mine[0]["throughput_per_s"] for r in mine], "o-",
+           color=cmap(i % 10), label=w)
+    b.plot(n, [r["communication_share"] * 100 for r in mine], "o-", color=cmap(i % 10), label=w)
+  for ax in (a, b):
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("devices")
+  a.set_ylabel("throughput relative to the fewest devices")
+  b.set_ylabel("communication, % of step time")
+  a.legend(fontsize=7, ncol=2)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plot_fusion(rows: list[dict], path: str, title: str) -> None:
+  plt = _plt()
+  workloads = list(dict.fromkeys(r["workload"] for r in rows))
+  fig, (a, b) = plt.subplots(1, 2, figsize=(12, 0.5 * len(workloads) * 3 + 1.5))
+  labels, times, shares = [], [], []
+  for w in workloads:
+    for r in rows:
+      if r["workload"] == w:
+        labels.append(f"{w} {r['execution']}")
+        times.append(r["step_ms"])
+        total = sum(r[f"ms:{c}"] for c in CLASSES) or 1.0
+        shares.append({c: r[f"ms:{c}"] / total for c in CLASSES})
+  a.barh(labels, times, color="tab:blue")
+  a.set_xscale("log")
+  a.invert_yaxis()
+  a.set_xlabel("step time (ms, log scale)")
+  left = np.zeros(len(labels))
+  cmap = plt.get_cmap("tab10")
+  for i, cls in enumerate(CLASSES):
+    widths = np.array([s[cls] for s in shares]) * 100
+    if widths.any():
+      b.barh(labels, widths, left=left, color=cmap(i % 10), label=cls)
+      left += widths
+  b.invert_yaxis()
+  b.set_yticklabels([])
+  b.set_xlabel("% of op time by class")
+  b.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# The report.
+
+
+def _machine(runs: list[Run], peaks: Optional[dict]) -> list[str]:
+  env = next((r.record["environment"] for r in runs if r.record), None)
+  if env is None:
+    return ["_no run finished: machine unknown_"]
+  lines = [f"- machine: {env['processor']}, {env['cpu_count']} CPUs ({env['cpu_affinity']} "
+           f"usable), {env['platform']}",
+           f"- backend: {env['backend']} ({env['device_kind']}, {env['device_count']} device(s))",
+           f"- software: python {env['python']}, jax {env['jax']}, jaxlib {env['jaxlib']}, "
+           f"flax {env['flax']}, optax {env['optax']}, numpy {env['numpy']}"]
+  if peaks:
+    lines.append(f"- measured peaks: matmul {peaks['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s "
+                 f"({peaks['dtype']}), copy {peaks['copy_bytes_per_s'] / 1e9:.1f} GB/s")
+  return lines
+
+
+def _shares_of(run: Run) -> dict:
+  return {c: v["share_of_step"] for c, v in run.summary["by_class"].items()}
+
+
+def build(study_dir: str) -> str:
+  """Writes report.md, figures/*.png and tables/*.csv; returns the report's path."""
+  meta, runs, peaks = load(study_dir)
+  fig_dir, table_dir = os.path.join(study_dir, FIGURES), os.path.join(study_dir, TABLES)
+  os.makedirs(fig_dir, exist_ok=True)
+  os.makedirs(table_dir, exist_ok=True)
+  figure = lambda name: os.path.join(fig_dir, name)
+  md = ["# fathom_jax study", "", *_machine(runs, peaks),
+        f"- reproduce: `{meta.get('command', '')}` (resumes; every run's own command is in "
+        "the run list below)", ""]
+  done = sum(r.status == "completed" for r in runs)
+  md.append(f"{done} of {len(runs)} runs completed.\n")
+
+  suite = suite_rows(runs, peaks)
+  _write_csv(os.path.join(table_dir, "suite.csv"), suite)
+  md += ["## The suite", "", "Unprofiled step times (median), model FLOPs from the cost model "
+         "(every loop iteration counted), MFU against the matmul peak above; coverage is the "
+         "share of the profiled step that op events explain.", "",
+         markdown_table(suite, ["workload", "mode", "batch", "step_ms", "throughput_per_s", "unit",
+                                "model_gflop_per_step", "gflop_per_s", "mfu", "coverage"])]
+  suite_runs = _completed(runs, "suite")
+  panels = [(f"{mode}", [r.point.workload for r in suite_runs if r.point.mode == mode],
+             [_shares_of(r) for r in suite_runs if r.point.mode == mode])
+            for mode in ("train", "infer")]
+  panels = [p for p in panels if p[1]]
+  if panels:
+    plot_class_bars(panels, figure("breakdown.png"), "time per op class, share of step")
+    md += ["![time per op class](figures/breakdown.png)", ""]
+
+  tvi = train_vs_infer_rows(runs)
+  _write_csv(os.path.join(table_dir, "train_vs_infer.csv"), tvi)
+  md += ["## Training versus inference", "", "Per-example time of a training step over an "
+         "inference step, and the class that takes the most time in each.", "",
+         markdown_table(tvi), ""]
+
+  md += ["## Similarity", "", "Vectors of time per op class (as shares of op time), cosine "
+         "similarity, average-linkage clustering (UPGMA) on cosine distance.", ""]
+  for mode in ("train", "infer"):
+    names, vectors = similarity_of(runs, mode)
+    if not names:
+      continue
+    sim = similarity.cosine_similarity(vectors)
+    rows = [{"workload": n, **{m: float(sim[i, j]) for j, m in enumerate(names)}}
+            for i, n in enumerate(names)]
+    _write_csv(os.path.join(table_dir, f"similarity_{mode}.csv"), rows)
+    similarity.plot_dendrogram(names, vectors, figure(f"dendrogram_{mode}.png"),
+                               f"workload similarity, {mode}")
+    md += [f"### {mode}", "", markdown_table(rows), f"![dendrogram {mode}](figures/"
+           f"dendrogram_{mode}.png)", ""]
+
+  fusion = fusion_rows(runs)
+  if fusion:
+    _write_csv(os.path.join(table_dir, "fusion.csv"), fusion)
+    plot_fusion(fusion, figure("fusion.png"), "train step: compiled, unfused, eager")
+    md += ["## Fused versus per-op execution", "", "The train step as XLA compiles it, compiled "
+           "with the fusion passes off (each op its own kernel), and dispatched eagerly op by op "
+           "(jit disabled, loops run in Python). Ops per step counts executed op events; bytes "
+           "moved are the cost model's per executed op.", "",
+           markdown_table(fusion, ["workload", "execution", "step_ms", "slowdown_vs_compiled",
+                                   "ops_per_step", "mb_moved_per_step", "coverage",
+                                   "classes_present"]),
+           *[f"- {s}" for s in fusion_findings(fusion)], "", "![fusion](figures/fusion.png)", ""]
+
+  threads, fits = thread_rows(runs)
+  if threads:
+    _write_csv(os.path.join(table_dir, "threads.csv"), threads)
+    _write_csv(os.path.join(table_dir, "amdahl.csv"), fits)
+    plot_scaling(threads, "cpus", figure("threads.png"), "CPU thread scaling (train step)", fits)
+    class_cols = [k for k in dict.fromkeys(k for f in fits for k in f) if k.startswith("speedup:")]
+    md += ["## CPU thread scaling", "", "Each point is its own process, its CPU affinity set "
+           "before JAX starts. Amdahl's law t(n) = serial + parallel/n fitted by non-negative "
+           "least squares; dashed lines are the fits.", "",
+           markdown_table(fits, ["workload", "cpus", "speedup", "parallel_fraction",
+                                 "max_speedup", "rms_error"] + class_cols),
+           "![threads](figures/threads.png)", ""]
+
+  devices = device_rows(runs)
+  if devices:
+    _write_csv(os.path.join(table_dir, "devices.csv"), devices)
+    plot_devices(devices, figure("devices.png"), "device scaling (train step, fixed global batch)")
+    md += ["## Device scaling", "", "Data-parallel over 1, 2, 4, ... devices at a fixed global "
+           "batch (on a CPU machine the devices are virtual and share its cores); communication "
+           "is the collectives' class.", "",
+           markdown_table(devices), "![devices](figures/devices.png)", ""]
+
+  points = roofline_points(runs)
+  if points and peaks:
+    _write_csv(os.path.join(table_dir, "roofline.csv"), points)
+    roofline.plot(points, peaks["matmul_flops_per_s"], peaks["copy_bytes_per_s"],
+                  figure("roofline.png"), "roofline: every op of the suite's runs")
+    top = sorted(points, key=lambda p: -p["time_us"])[:10]
+    for p in top:
+      p["of_roof"] = p["flops_per_s"] / float(roofline.attainable(
+          p["intensity"], peaks["matmul_flops_per_s"], peaks["copy_bytes_per_s"]))
+    md += ["## Roofline", "", "Each op's FLOPs per byte (cost model) and achieved FLOP/s (its "
+           "FLOPs over its measured time) under the measured peaks; marker area is time.", "",
+           "![roofline](figures/roofline.png)", "", "The ten ops that take the most time:", "",
+           markdown_table(top, ["run", "name", "fathom_class", "intensity", "flops_per_s",
+                                "of_roof", "time_us"])]
+
+  md += ["## Runs", "", "| point | status | command |", "|---|---|---|"]
+  for r in runs:
+    where = os.path.relpath(r.run_dir, study_dir) if r.run_dir else ""
+    status = r.status + (f": {r.error}" if r.error and r.status != "completed" else "")
+    md.append(f"| {r.point.id} {f'([run]({where}))' if where else ''} | {status} | "
+              f"`{r.command}` |")
+  path = os.path.join(study_dir, REPORT_FILE)
+  with open(path + ".tmp", "w") as f:
+    f.write("\n".join(md) + "\n")
+  os.replace(path + ".tmp", path)
+  return path

@@ -1,0 +1,249 @@
+"""A study: profiled runs of the suite, planned, run one process each, resumable, then a report.
+
+  python -m fathom_jax.study --workloads=all --preset=tiny --output_dir=study
+
+The plan holds, for each workload, a profiled train and inference run (the breakdowns the
+similarity, train-versus-inference and roofline sections use); the train step run again unfused
+and eagerly (fused versus per-op execution); at 1, 2, ... N CPUs (thread scaling; each point is
+its own process whose CPU affinity is set before JAX starts); and over 1, 2, 4, 8 devices
+(device scaling, virtual CPU devices on a CPU machine). A run of the machine's peaks (a large
+matmul and a large copy) comes first. Each point's run folder lives under
+`<output_dir>/runs/<point>/`; a point whose run finished (completed, or failed for a reason a
+retry would not change) is never redone, so an interrupted study, started again with the same
+command, runs only what is missing. The report (`fathom_jax.analysis.report`) is then written to
+`<output_dir>/report.md` with its figures and tables.
+"""
+
+import dataclasses
+import glob
+import json
+import math
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from typing import Optional, Sequence
+
+from fathom_jax import results
+from fathom_jax.errors import UsageError
+
+STUDY_FILE = "study.json"
+RUNS_DIR = "runs"
+PEAKS_POINT = "peaks"
+POINT_FILE = "point.json"  # a point's outcome when its process wrote no result (bad input)
+LOG_FILE = "log.txt"
+FINISHED = ("completed", "failed")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What a study measures; a study folder holds one set of settings."""
+  workloads: tuple[str, ...]
+  preset: str = "tiny"
+  steps: int = 5
+  warmup_steps: int = 2
+  backend: Optional[str] = None
+  fusion_workloads: tuple[str, ...] = ()
+  thread_workloads: tuple[str, ...] = ()
+  thread_counts: tuple[int, ...] = ()
+  device_workloads: tuple[str, ...] = ()
+  device_counts: tuple[int, ...] = ()
+  device_batch: dict = dataclasses.field(default_factory=dict)  # workload -> global batch
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+  """One run of the study: a workload, mode and the one knob this point varies."""
+  kind: str  # 'suite', 'fusion', 'threads' or 'devices'
+  workload: str
+  mode: str
+  execution: str = "compiled"
+  cpus: Optional[int] = None
+  devices: Optional[int] = None
+  batch_size: Optional[int] = None
+
+  @property
+  def id(self) -> str:
+    knob = {"suite": "", "fusion": f"-{self.execution}", "threads": f"-cpus{self.cpus}",
+            "devices": f"-devices{self.devices}"}[self.kind]
+    return f"{self.kind}-{self.workload}-{self.mode}{knob}"
+
+  def arguments(self, settings: Settings) -> list[str]:
+    args = [f"--workload={self.workload}", f"--mode={self.mode}", f"--preset={settings.preset}",
+            f"--steps={settings.steps}", f"--warmup_steps={settings.warmup_steps}", "--profile",
+            "--quiet", f"--execution={self.execution}"]
+    if settings.backend:
+      args.append(f"--backend={settings.backend}")
+    if self.cpus is not None:
+      args.append(f"--cpus={self.cpus}")
+    if self.devices is not None:
+      if (settings.backend or "cpu") == "cpu":
+        args.append(f"--cpu_devices={self.devices}")
+      args.append(f"--num_devices={self.devices}")
+    if self.batch_size is not None:
+      args.append(f"--batch_size={self.batch_size}")
+    return args
+
+
+def plan(settings: Settings) -> list[Point]:
+  points = [Point("suite", w, m) for w in settings.workloads for m in ("train", "infer")]
+  points += [Point("fusion", w, "train", execution=e) for w in settings.fusion_workloads
+             for e in ("unfused", "eager")]
+  points += [Point("threads", w, "train", cpus=n) for w in settings.thread_workloads
+             for n in settings.thread_counts]
+  points += [Point("devices", w, "train", devices=n, batch_size=settings.device_batch.get(w))
+             for w in settings.device_workloads for n in settings.device_counts]
+  return points
+
+
+def default_thread_counts(available: int) -> tuple[int, ...]:
+  """1, 2, 4, ... up to the CPUs this process may use, and that count itself."""
+  counts = [2**i for i in range(int(math.log2(available)) + 1)]
+  return tuple(sorted(set(counts) | {available}))
+
+
+def device_batch(workload: str, preset: str, counts: Sequence[int]) -> int:
+  """The preset's batch, rounded up so the largest device count divides it: every point of a
+  device-scaling series runs the same global batch."""
+  from fathom_jax import config as config_lib
+  from fathom_jax.workloads import registry
+  w = registry.get(workload)
+  batch = config_lib.preset(w.presets, preset, w.name).batch_size
+  step = math.lcm(*counts)
+  return -(-batch // step) * step
+
+
+# ---------------------------------------------------------------------------------------------
+# Points on disk.
+
+
+def point_dir(output_dir: str, point_id: str) -> str:
+  return os.path.join(output_dir, RUNS_DIR, point_id)
+
+
+def point_outcome(folder: str) -> Optional[dict]:
+  """The finished outcome of a point's folder: {'status', 'run_dir' or 'error'}; None when the
+  point has not finished (never run, killed, interrupted)."""
+  note = os.path.join(folder, POINT_FILE)
+  if os.path.exists(note):
+    with open(note) as f:
+      return json.load(f)
+  for path in sorted(glob.glob(os.path.join(folder, "*", results.RESULT_FILE))):
+    try:
+      with open(path) as f:
+        record = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if record.get("status") in FINISHED:
+      return {"status": record["status"], "run_dir": os.path.dirname(path),
+              "error": record.get("error")}
+  return None
+
+
+def _command(arguments: list[str]) -> list[str]:
+  return [sys.executable, "-m", "fathom_jax", *arguments]
+
+
+def _environment() -> dict:
+  """This process's environment, with this copy of fathom_jax importable by the children."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  return env
+
+
+def shown(arguments: list[str]) -> str:
+  """The command as a user would type it."""
+  return " ".join(["python run.py", *map(shlex.quote, arguments)])
+
+
+def run_point(output_dir: str, point: Point, settings: Settings, timeout_s: float) -> dict:
+  folder = point_dir(output_dir, point.id)
+  shutil.rmtree(folder, ignore_errors=True)  # what an unfinished attempt left
+  os.makedirs(folder)
+  arguments = point.arguments(settings) + [f"--output_dir={folder}"]
+  with open(os.path.join(folder, LOG_FILE), "w") as log:
+    log.write(shown(arguments) + "\n")
+    log.flush()
+    try:
+      proc = subprocess.run(_command(arguments), stdout=log, stderr=subprocess.STDOUT,
+                            timeout=timeout_s, env=_environment())
+      code = proc.returncode
+    except subprocess.TimeoutExpired:
+      code = None
+  if code == 130:
+    raise KeyboardInterrupt
+  outcome = point_outcome(folder)
+  if outcome is None:  # bad input (exit 2), a crash or the time limit: no result file
+    with open(os.path.join(folder, LOG_FILE)) as f:
+      lines = [l.strip() for l in f if l.strip()]
+    error = (f"exceeded the {timeout_s:.0f} s limit" if code is None else
+             next((l for l in reversed(lines) if l.startswith("error:")),
+                  f"exit status {code}: {lines[-1] if lines else 'no output'}"))
+    outcome = {"status": "failed", "error": error, "exit_status": code}
+    if code is not None:  # a time limit may be too short; let a later attempt try again
+      results.write_json_atomic(os.path.join(folder, POINT_FILE), outcome)
+  return outcome
+
+
+def run_peaks(output_dir: str, settings: Settings) -> dict:
+  path = os.path.join(output_dir, RUNS_DIR, PEAKS_POINT, "peaks.json")
+  if not os.path.exists(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    args = ["--output", path] + (["--backend", settings.backend] if settings.backend else [])
+    proc = subprocess.run([sys.executable, "-m", "fathom_jax.peaks", *args],
+                          capture_output=True, text=True, env=_environment())
+    if proc.returncode != 0:
+      raise UsageError(f"measuring the machine's peaks failed: "
+                       f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _check_settings(output_dir: str, settings: Settings) -> None:
+  """A study folder keeps one set of settings: resuming with others would mix incomparable runs."""
+  path = os.path.join(output_dir, STUDY_FILE)
+  if not os.path.exists(path):
+    return
+  try:
+    with open(path) as f:
+      saved = json.load(f)["settings"]
+  except (OSError, ValueError, KeyError):
+    raise UsageError(f"{path} is not a study file; choose another --output_dir") from None
+  mine = json.loads(json.dumps(dataclasses.asdict(settings)))
+  changed = sorted(k for k in mine if saved.get(k) != mine[k])
+  if changed:
+    raise UsageError(f"{output_dir} holds a study with other settings ({', '.join(changed)}); "
+                     "rerun with the same flags to resume it, or choose another --output_dir")
+
+
+def execute(output_dir: str, settings: Settings, argv: Sequence[str], timeout_s: float = 3600,
+            say=print) -> dict:
+  """Runs every unfinished point, then writes the report. Returns {point id: outcome}."""
+  os.makedirs(output_dir, exist_ok=True)
+  _check_settings(output_dir, settings)
+  points = plan(settings)
+  results.write_json_atomic(os.path.join(output_dir, STUDY_FILE), {
+      "settings": dataclasses.asdict(settings),
+      "command": " ".join(["python -m fathom_jax.study", *map(shlex.quote, argv)]),
+      "points": {p.id: shown(p.arguments(settings)) for p in points},
+  })
+  run_peaks(output_dir, settings)
+  outcomes = {}
+  for i, point in enumerate(points):
+    outcome = point_outcome(point_dir(output_dir, point.id))
+    if outcome is not None:
+      say(f"[{i + 1}/{len(points)}] {point.id}: {outcome['status']} earlier, kept")
+    else:
+      start = time.perf_counter()
+      outcome = run_point(output_dir, point, settings, timeout_s)
+      error = f": {outcome['error']}" if outcome["status"] != "completed" else ""
+      say(f"[{i + 1}/{len(points)}] {point.id}: {outcome['status']} in "
+          f"{time.perf_counter() - start:.1f} s{error}")
+    outcomes[point.id] = outcome
+  from fathom_jax.analysis import report
+  path = report.build(output_dir)
+  say(f"report: {path}")
+  return outcomes

@@ -1,0 +1,102 @@
+"""python -m fathom_jax.study: plan, run (or resume) and report a study; see fathom_jax.study."""
+
+import os
+import sys
+from typing import Optional, Sequence
+
+from absl import app, flags
+
+from fathom_jax import flagparse, study
+from fathom_jax.errors import UsageError
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("output_dir", "study", "The study folder (resumed if it exists).")
+flags.DEFINE_string("workloads", "all", "Workloads of the suite: a comma list or 'all'.")
+flags.DEFINE_string("preset", "tiny", "Size preset of every run.")
+flags.DEFINE_integer("steps", 5, "Measured (and as many profiled) steps per run.")
+flags.DEFINE_integer("warmup_steps", 2, "Untimed steps per run.")
+flags.DEFINE_enum("backend", None, ["cpu", "gpu", "tpu"], "JAX backend of every run.")
+flags.DEFINE_string("fusion_workloads", "all",
+                    "Workloads whose train step also runs unfused and eagerly ('none' to skip).")
+flags.DEFINE_string("thread_workloads", "all",
+                    "Workloads measured at each CPU count ('none' to skip).")
+flags.DEFINE_list("thread_counts", None,
+                  "CPU counts of thread scaling; default 1, 2, 4, ... up to the CPUs available.")
+flags.DEFINE_string("device_workloads", "all",
+                    "Workloads measured at each device count ('none' to skip).")
+flags.DEFINE_list("device_counts", ["1", "2", "4", "8"], "Device counts of device scaling.")
+flags.DEFINE_integer("run_timeout_s", 3600, "Longest one run may take before it counts as failed.")
+flags.DEFINE_bool("report_only", False, "Rebuild the report from the runs present; run nothing.")
+
+
+def _subset(value: str, suite: list[str], flag: str) -> tuple[str, ...]:
+  from fathom_jax.workloads import registry
+  if value.strip() == "none":
+    return ()
+  if value.strip() == "all":
+    return tuple(suite)
+  names = registry.expand(value)
+  outside = [n for n in names if n not in suite]
+  if outside:
+    raise UsageError(f"--{flag} names workloads outside --workloads: {', '.join(outside)}")
+  return tuple(names)
+
+
+def _counts(values: Sequence[str], flag: str, limit: Optional[int] = None) -> tuple[int, ...]:
+  try:
+    counts = tuple(sorted({int(v) for v in values}))
+  except ValueError:
+    raise UsageError(f"--{flag} must be a comma list of integers, got {','.join(values)}") from None
+  if not counts or counts[0] < 1 or (limit is not None and counts[-1] > limit):
+    bound = f" and at most {limit}" if limit is not None else ""
+    raise UsageError(f"--{flag} must be positive{bound}, got {','.join(values)}")
+  return counts
+
+
+def settings_from_flags() -> study.Settings:
+  from fathom_jax import config as config_lib
+  from fathom_jax.workloads import registry
+  suite = registry.expand(FLAGS.workloads)
+  for name in suite:
+    w = registry.get(name)
+    config_lib.preset(w.presets, FLAGS.preset, w.name)
+  for name in ("steps", "run_timeout_s"):
+    if getattr(FLAGS, name) < 1:
+      raise UsageError(f"--{name} must be positive, got {getattr(FLAGS, name)}")
+  if FLAGS.warmup_steps < 0:
+    raise UsageError(f"--warmup_steps must be >= 0, got {FLAGS.warmup_steps}")
+  available = len(os.sched_getaffinity(0))
+  threads = (_counts(FLAGS.thread_counts, "thread_counts", available) if FLAGS.thread_counts
+             else study.default_thread_counts(available))
+  devices = _counts(FLAGS.device_counts, "device_counts")
+  device_workloads = _subset(FLAGS.device_workloads, suite, "device_workloads")
+  return study.Settings(
+      workloads=tuple(suite), preset=FLAGS.preset, steps=FLAGS.steps,
+      warmup_steps=FLAGS.warmup_steps, backend=FLAGS.backend,
+      fusion_workloads=_subset(FLAGS.fusion_workloads, suite, "fusion_workloads"),
+      thread_workloads=_subset(FLAGS.thread_workloads, suite, "thread_workloads"),
+      thread_counts=threads, device_workloads=device_workloads, device_counts=devices,
+      device_batch={w: study.device_batch(w, FLAGS.preset, devices) for w in device_workloads})
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  try:
+    if FLAGS.report_only:
+      from fathom_jax.analysis import report
+      if not os.path.exists(os.path.join(FLAGS.output_dir, study.STUDY_FILE)):
+        raise UsageError(f"{FLAGS.output_dir} holds no study ({study.STUDY_FILE} is missing)")
+      print(f"report: {report.build(FLAGS.output_dir)}")
+      return
+    study.execute(FLAGS.output_dir, settings_from_flags(), sys.argv[1:], FLAGS.run_timeout_s)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("interrupted: run the same command again to resume the study", file=sys.stderr)
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=flagparse.parse_flags)
