@@ -97,9 +97,9 @@ def _varint(buf: bytes, i: int) -> tuple[int, int]:
       return result, i
 
 
-def _fields(buf: bytes) -> Iterator[tuple[int, object]]:
-  """(field number, value) pairs of one protobuf message; values of length-delimited fields are
-  bytes, of varints ints."""
+def _fields(buf: bytes) -> Iterator[tuple[int, int, object]]:
+  """(field number, wire type, value) triples of one protobuf message; values of varints are
+  ints, of the other wire types bytes."""
   i, n = 0, len(buf)
   while i < n:
     key, i = _varint(buf, i)
@@ -117,32 +117,39 @@ def _fields(buf: bytes) -> Iterator[tuple[int, object]]:
       raise ValueError(f"unsupported wire type {wire}")
     if i > n:
       raise ValueError("truncated message")
-    yield number, value
+    yield number, wire, value
+
+
+def _values(buf: bytes, number: int) -> list[bytes]:
+  """The length-delimited values of field `number` (messages, strings, bytes). The same number
+  with another wire type is an unknown field to protobuf parsers, which keep it and read on; the
+  profiler's reader accepts such a file, so it is skipped here too."""
+  return [v for n, w, v in _fields(buf) if n == number and w == 2]
+
+
+def _last(buf: bytes, number: int) -> Optional[bytes]:
+  values = _values(buf, number)
+  return values[-1] if values else None  # a repeated singular field: the last one wins
+
+
+def _printable(name: str) -> str:
+  return "".join(c if c.isprintable() else "?" for c in name)
 
 
 def embedded_hlo_protos(data: bytes) -> dict[str, bytes]:
-  """'<module>(<program id>)' -> serialized HloModuleProto, from an XSpace's metadata plane."""
+  """'<module>(<program id>)' -> serialized HloModuleProto, from an XSpace's metadata plane;
+  a malformed protobuf walk raises ValueError."""
   out = {}
-  for number, plane in _fields(data):
-    if number != 1:  # XSpace.planes
+  for plane in _values(data, 1):  # XSpace.planes
+    if _last(plane, 2) != b"/host:metadata":  # XPlane.name
       continue
-    if dict((k, v) for k, v in _fields(plane) if k == 2).get(2) != b"/host:metadata":
-      continue
-    for key, entry in _fields(plane):
-      if key != 4:  # XPlane.event_metadata (map<int64, XEventMetadata>)
-        continue
-      metadata = dict(_fields(entry)).get(2, b"")
-      name, protos = "", []
-      for field, value in _fields(metadata):
-        if field == 2:  # XEventMetadata.name
-          name = value.decode("utf-8", "replace")
-        elif field == 5:  # XEventMetadata.stats
-          stat = dict(_fields(value))
-          if isinstance(stat.get(6), bytes):  # XStat.bytes_value: the HloProto
-            protos.append(stat[6])
-      for proto in protos:
-        module = dict(_fields(proto)).get(1)  # HloProto.hlo_module
-        if isinstance(module, bytes) and name:
+    for entry in _values(plane, 4):  # XPlane.event_metadata (map<int64, XEventMetadata>)
+      metadata = _last(entry, 2) or b""
+      name = _printable((_last(metadata, 2) or b"").decode("utf-8", "replace"))
+      for stat in _values(metadata, 5):  # XEventMetadata.stats
+        proto = _last(stat, 6)  # XStat.bytes_value: the HloProto
+        module = _last(proto, 1) if proto is not None else None  # HloProto.hlo_module
+        if module is not None and name:
           out[name] = module
   return out
 
@@ -269,8 +276,11 @@ def read(path: str) -> Trace:
     profile = ProfileData.from_serialized_xspace(data)
   except Exception:  # the reader raises RuntimeError('Failed to parse XSpace ...')
     raise DataError(f"{path}: not a readable xplane trace (truncated or not an XSpace)") from None
+  planes = list(profile.planes)
+  if not planes:  # an empty file parses as an empty XSpace
+    raise DataError(f"{path}: the trace holds no profile planes (an empty or cut file)")
   host, device, steps, devices, modules = [], [], [], [], []
-  for plane in profile.planes:
+  for plane in planes:
     if plane.name.startswith("/device:"):
       device_events = _device_events(plane)
       if device_events:
