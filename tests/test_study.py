@@ -1,0 +1,212 @@
+"""The study on a small real suite: runs, resume, and the report's analyses."""
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from fathom_jax import study
+from fathom_jax.analysis import report, scaling, similarity
+from fathom_jax.errors import UsageError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SETTINGS = study.Settings(
+    workloads=("memnet", "autoenc"), preset="tiny", steps=3, warmup_steps=1,
+    fusion_workloads=("memnet",), thread_workloads=("memnet",), thread_counts=(1, 2),
+    device_workloads=("memnet",), device_counts=(1, 2), device_batch={"memnet": 8})
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """A study run to the end: 4 suite runs, memnet unfused and eager, at 1 and 2 CPUs and on 1
+  and 2 devices."""
+  folder = str(tmp_path_factory.mktemp("study"))
+  lines = []
+  outcomes = study.execute(folder, SETTINGS, ["--test"], say=lines.append)
+  return folder, outcomes, lines
+
+
+def _csv(folder, name):
+  with open(os.path.join(folder, report.TABLES, name), newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_every_point_completes_and_the_report_has_every_section(finished):
+  folder, outcomes, _ = finished
+  assert len(outcomes) == len(study.plan(SETTINGS)) == 10
+  assert {o["status"] for o in outcomes.values()} == {"completed"}, outcomes
+  with open(os.path.join(folder, report.REPORT_FILE)) as f:
+    text = f.read()
+  for heading in ("## The suite", "## Training versus inference", "## Similarity",
+                  "## Fused versus per-op execution", "## CPU thread scaling",
+                  "## Device scaling", "## Roofline", "## Runs"):
+    assert heading in text
+  for name in ("breakdown", "dendrogram_train", "dendrogram_infer", "fusion", "threads",
+               "devices", "roofline"):
+    path = os.path.join(folder, report.FIGURES, f"{name}.png")
+    assert os.path.getsize(path) > 1000 and f"figures/{name}.png" in text
+  # The machine, the versions and the commands that reproduce every run.
+  assert "jax 0." in text and "python -m fathom_jax.study --test" in text
+  assert text.count("`python run.py --workload=") == 10
+  suite = _csv(folder, "suite.csv")
+  assert {(r["workload"], r["mode"]) for r in suite} == {
+      (w, m) for w in ("memnet", "autoenc") for m in ("train", "infer")}
+  assert all(0 < float(r["coverage"]) <= 1 and float(r["step_ms"]) > 0 for r in suite)
+
+
+def test_unfused_runs_more_kernels_and_no_fewer_classes(finished):
+  folder = finished[0]
+  rows = {r["execution"]: r for r in _csv(folder, "fusion.csv")}
+  assert set(rows) == {"compiled", "unfused", "eager"}
+  compiled, unfused = rows["compiled"], rows["unfused"]
+  assert float(unfused["ops_per_step"]) > 2 * float(compiled["ops_per_step"])
+  assert int(unfused["classes_present"]) >= int(compiled["classes_present"])
+  # Fusion keeps intermediates out of memory: the unfused program moves more bytes.
+  assert float(unfused["mb_moved_per_step"]) > float(compiled["mb_moved_per_step"])
+  # Eager dispatch is slower than the compiled step and its ops explain less of it.
+  assert float(rows["eager"]["step_ms"]) > float(compiled["step_ms"])
+  assert float(rows["eager"]["coverage"]) < float(compiled["coverage"])
+
+
+def test_similarity_of_a_workload_to_itself_is_one(finished):
+  folder = finished[0]
+  for mode in ("train", "infer"):
+    rows = _csv(folder, f"similarity_{mode}.csv")
+    assert [r["workload"] for r in rows] == ["memnet", "autoenc"]
+    matrix = np.array([[float(r[w]) for w in ("memnet", "autoenc")] for r in rows])
+    np.testing.assert_allclose(np.diag(matrix), 1.0, atol=1e-9)
+    np.testing.assert_allclose(matrix, matrix.T, atol=1e-12)
+    assert 0 < matrix[0, 1] < 1
+
+
+def test_similarity_and_clustering_on_known_vectors():
+  names, vectors = similarity.class_vectors(
+      {"a": {"x": 2.0, "y": 0.0}, "b": {"x": 4.0, "y": 0.1}, "c": {"x": 0.0, "y": 1.0},
+       "idle": {}}, ("x", "y"))
+  assert names == ["a", "b", "c"]  # no time, no direction
+  sim = similarity.cosine_similarity(vectors)
+  assert sim[0, 0] == pytest.approx(1.0) and sim[0, 2] == pytest.approx(0.0)
+  # Average linkage joins the two alike workloads first.
+  linkage = similarity.cluster(vectors)
+  assert sorted(linkage[0][:2].astype(int)) == [0, 1]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 0.9, 0.99])
+def test_amdahl_fit_recovers_the_parallel_fraction_of_synthetic_timings(p):
+  counts = [1, 2, 4, 8, 16]
+  times = [0.3 * ((1 - p) + p / n) for n in counts]
+  fit = scaling.amdahl_fit(counts, times)
+  assert fit["parallel_fraction"] == pytest.approx(p, abs=1e-6)
+  assert fit["t1_s"] == pytest.approx(0.3)
+  noisy = [t * (1 + 0.02 * (-1) ** i) for i, t in enumerate(times)]
+  assert scaling.amdahl_fit(counts, noisy)["parallel_fraction"] == pytest.approx(p, abs=0.05)
+
+
+def test_thread_and_device_scaling_sections(finished):
+  folder = finished[0]
+  threads = _csv(folder, "threads.csv")
+  assert [int(r["cpus"]) for r in threads] == [1, 2]
+  assert float(threads[0]["speedup"]) == 1.0
+  # The affinity mask reached JAX's process: it saw one CPU, then two.
+  runs = [r for r in report.load(folder)[1] if r.point.kind == "threads"]
+  assert [r.record["environment"]["cpu_affinity"] for r in runs] == [1, 2]
+  fit = _csv(folder, "amdahl.csv")[0]
+  assert 0.0 <= float(fit["parallel_fraction"]) <= 1.0
+  devices = _csv(folder, "devices.csv")
+  assert [int(r["devices"]) for r in devices] == [1, 2]
+  assert {int(r["global_batch"]) for r in devices} == {8}
+  # One device needs no collective; two all-reduce their gradients.
+  assert float(devices[0]["communication_ms"]) == 0.0
+  assert float(devices[1]["communication_ms"]) > 0.0
+
+
+def test_an_interrupted_study_resumes_and_redoes_only_unfinished_runs(finished, tmp_path):
+  source = finished[0]
+  folder = str(tmp_path / "study")
+  shutil.copytree(source, folder)
+  killed = study.point_dir(folder, "threads-memnet-train-cpus2")
+  # kill -9: the run folder stays, without a result file.
+  for result in [os.path.join(d, "result.json") for d in
+                 [os.path.join(killed, x) for x in os.listdir(killed)] if os.path.isdir(d)]:
+    os.unlink(result)
+  # Ctrl-C: the result says interrupted.
+  interrupted = study.point_dir(folder, "suite-autoenc-infer")
+  run_dir = study.point_outcome(interrupted)["run_dir"]
+  with open(os.path.join(run_dir, "result.json")) as f:
+    record = json.load(f)
+  record["status"] = "interrupted"
+  with open(os.path.join(run_dir, "result.json"), "w") as f:
+    json.dump(record, f)
+  before = {p.id: study.point_outcome(study.point_dir(folder, p.id)) for p in study.plan(SETTINGS)}
+  lines = []
+  outcomes = study.execute(folder, SETTINGS, ["--test"], say=lines.append)
+  redone = [l.split()[1].rstrip(":") for l in lines if " earlier, kept" not in l
+            and l.startswith("[")]
+  assert sorted(redone) == ["suite-autoenc-infer", "threads-memnet-train-cpus2"]
+  assert all(o["status"] == "completed" for o in outcomes.values())
+  for point_id, outcome in outcomes.items():
+    if point_id not in redone:
+      assert outcome["run_dir"] == before[point_id]["run_dir"]
+
+
+def test_a_study_folder_refuses_other_settings(finished):
+  other = study.Settings(**{**SETTINGS.__dict__, "preset": "small"})
+  with pytest.raises(UsageError, match="other settings .*preset"):
+    study.execute(finished[0], other, [])
+
+
+def _study_cli(*args, cwd=None):
+  return subprocess.run([sys.executable, "-m", "fathom_jax.study", *args], capture_output=True,
+                        text=True, cwd=cwd or ROOT, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workloads=nosuch"], "unknown workload"),
+    (["--preset=huge", "--workloads=memnet"], "unknown preset"),
+    (["--thread_counts=0"], "--thread_counts must be positive"),
+    (["--thread_counts=1,999"], "at most"),
+    (["--thread_counts=two"], "comma list of integers"),
+    (["--device_counts=0"], "--device_counts must be positive"),
+    (["--workloads=memnet", "--fusion_workloads=autoenc"], "outside --workloads"),
+    (["--steps=0"], "--steps must be positive"),
+    (["--backend=quantum"], "error: flag --backend"),
+    (["stray"], "unexpected arguments"),
+])
+def test_bad_study_flags_give_one_line_and_exit_2(args, message, tmp_path):
+  proc = _study_cli(*args, f"--output_dir={tmp_path / 's'}")
+  assert proc.returncode == 2, proc.stderr
+  assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "s")  # nothing half-written
+
+
+def test_report_only_needs_a_study(tmp_path):
+  proc = _study_cli("--report_only", f"--output_dir={tmp_path}")
+  assert proc.returncode == 2 and "holds no study" in proc.stderr
+
+
+def test_report_only_rebuilds_the_report(finished, tmp_path):
+  folder = str(tmp_path / "copy")
+  shutil.copytree(finished[0], folder)
+  os.unlink(os.path.join(folder, report.REPORT_FILE))
+  proc = _study_cli("--report_only", f"--output_dir={folder}")
+  assert proc.returncode == 0, proc.stderr
+  assert os.path.exists(os.path.join(folder, report.REPORT_FILE))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--execution=jit"], "error: flag --execution"),
+    (["--cpus=0"], "--cpus must be in [1,"),
+    (["--cpus=4096"], "--cpus must be in [1,"),
+])
+def test_bad_execution_and_cpu_flags_of_a_run(args, message, tmp_path):
+  proc = subprocess.run([sys.executable, "run.py", "--workload=memnet", "--preset=tiny",
+                         f"--output_dir={tmp_path}", *args], capture_output=True, text=True,
+                        cwd=ROOT, timeout=120)
+  assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1 and os.listdir(tmp_path) == []
