@@ -246,6 +246,15 @@ def fusion_findings(rows: list[dict]) -> list[str]:
           f"the compiled step and its ops cover only {eager['coverage']:.0%} of it (the rest is "
           f"Python and dispatch); among op time, {cls} is {share(eager, cls):.0%} per-op but "
           f"{share(compiled, cls):.0%} compiled ({gap * 100:+.0f} points).")
+      lost = [c for c in CLASSES if compiled[f"ms:{c}"] > 0 and eager[f"ms:{c}"] == 0]
+      if lost:
+        # Eager dispatch caches one program per primitive and shape, compiled at its first call
+        # site: later calls (an optimizer update reusing the model's multiply) keep that site's
+        # metadata, so scopes cannot tell them apart.
+        findings.append(
+            f"**{workload}**, per-op view: {', '.join(lost)} vanish(es) as a class: eager ops "
+            "share one cached program per primitive and shape, whose metadata names the first "
+            "call site, so that time is counted under the classes of the model's own ops.")
   return findings
 
 
@@ -436,43 +445,48 @@ def _shares_of(run: Run) -> dict:
   return {c: v["share_of_step"] for c, v in run.summary["by_class"].items()}
 
 
-def build(study_dir: str) -> str:
-  """Writes report.md, figures/*.png and tables/*.csv; returns the report's path."""
-  meta, runs, peaks = load(study_dir)
-  fig_dir, table_dir = os.path.join(study_dir, FIGURES), os.path.join(study_dir, TABLES)
-  os.makedirs(fig_dir, exist_ok=True)
-  os.makedirs(table_dir, exist_ok=True)
-  figure = lambda name: os.path.join(fig_dir, name)
-  md = ["# fathom_jax study", "", *_machine(runs, peaks),
-        f"- reproduce: `{meta.get('command', '')}` (resumes; every run's own command is in "
-        "the run list below)", ""]
-  done = sum(r.status == "completed" for r in runs)
-  md.append(f"{done} of {len(runs)} runs completed.\n")
+@dataclasses.dataclass(frozen=True)
+class _Out:
+  """Where a report's figures and tables go."""
+  study_dir: str
 
+  def figure(self, name: str) -> str:
+    return os.path.join(self.study_dir, FIGURES, name)
+
+  def table(self, name: str, rows: list[dict]) -> None:
+    _write_csv(os.path.join(self.study_dir, TABLES, name), rows)
+
+
+def _suite_section(runs: list[Run], peaks: Optional[dict], out: _Out) -> list[str]:
   suite = suite_rows(runs, peaks)
-  _write_csv(os.path.join(table_dir, "suite.csv"), suite)
-  md += ["## The suite", "", "Unprofiled step times (median), model FLOPs from the cost model "
-         "(every loop iteration counted), MFU against the matmul peak above; coverage is the "
-         "share of the profiled step that op events explain.", "",
-         markdown_table(suite, ["workload", "mode", "batch", "step_ms", "throughput_per_s", "unit",
-                                "model_gflop_per_step", "gflop_per_s", "mfu", "coverage"])]
+  out.table("suite.csv", suite)
+  md = ["## The suite", "", "Unprofiled step times (median), model FLOPs from the cost model "
+        "(every loop iteration counted), MFU against the matmul peak above; coverage is the "
+        "share of the profiled step that op events explain.", "",
+        markdown_table(suite, ["workload", "mode", "batch", "step_ms", "throughput_per_s", "unit",
+                               "model_gflop_per_step", "gflop_per_s", "mfu", "coverage"])]
   suite_runs = _completed(runs, "suite")
-  panels = [(f"{mode}", [r.point.workload for r in suite_runs if r.point.mode == mode],
+  panels = [(mode, [r.point.workload for r in suite_runs if r.point.mode == mode],
              [_shares_of(r) for r in suite_runs if r.point.mode == mode])
             for mode in ("train", "infer")]
   panels = [p for p in panels if p[1]]
   if panels:
-    plot_class_bars(panels, figure("breakdown.png"), "time per op class, share of step")
+    plot_class_bars(panels, out.figure("breakdown.png"), "time per op class, share of step")
     md += ["![time per op class](figures/breakdown.png)", ""]
+  return md
 
-  tvi = train_vs_infer_rows(runs)
-  _write_csv(os.path.join(table_dir, "train_vs_infer.csv"), tvi)
-  md += ["## Training versus inference", "", "Per-example time of a training step over an "
-         "inference step, and the class that takes the most time in each.", "",
-         markdown_table(tvi), ""]
 
-  md += ["## Similarity", "", "Vectors of time per op class (as shares of op time), cosine "
-         "similarity, average-linkage clustering (UPGMA) on cosine distance.", ""]
+def _train_vs_infer_section(runs: list[Run], out: _Out) -> list[str]:
+  rows = train_vs_infer_rows(runs)
+  out.table("train_vs_infer.csv", rows)
+  return ["## Training versus inference", "", "Per-example time of a training step over an "
+          "inference step, and the class that takes the most time in each.", "",
+          markdown_table(rows), ""]
+
+
+def _similarity_section(runs: list[Run], out: _Out) -> list[str]:
+  md = ["## Similarity", "", "Vectors of time per op class (as shares of op time), cosine "
+        "similarity, average-linkage clustering (UPGMA) on cosine distance.", ""]
   for mode in ("train", "infer"):
     names, vectors = similarity_of(runs, mode)
     if not names:
@@ -480,30 +494,39 @@ def build(study_dir: str) -> str:
     sim = similarity.cosine_similarity(vectors)
     rows = [{"workload": n, **{m: float(sim[i, j]) for j, m in enumerate(names)}}
             for i, n in enumerate(names)]
-    _write_csv(os.path.join(table_dir, f"similarity_{mode}.csv"), rows)
-    similarity.plot_dendrogram(names, vectors, figure(f"dendrogram_{mode}.png"),
+    out.table(f"similarity_{mode}.csv", rows)
+    similarity.plot_dendrogram(names, vectors, out.figure(f"dendrogram_{mode}.png"),
                                f"workload similarity, {mode}")
-    md += [f"### {mode}", "", markdown_table(rows), f"![dendrogram {mode}](figures/"
-           f"dendrogram_{mode}.png)", ""]
+    md += [f"### {mode}", "", markdown_table(rows),
+           f"![dendrogram {mode}](figures/dendrogram_{mode}.png)", ""]
+  return md
 
-  fusion = fusion_rows(runs)
-  if fusion:
-    _write_csv(os.path.join(table_dir, "fusion.csv"), fusion)
-    plot_fusion(fusion, figure("fusion.png"), "train step: compiled, unfused, eager")
-    md += ["## Fused versus per-op execution", "", "The train step as XLA compiles it, compiled "
-           "with the fusion passes off (each op its own kernel), and dispatched eagerly op by op "
-           "(jit disabled, loops run in Python). Ops per step counts executed op events; bytes "
-           "moved are the cost model's per executed op.", "",
-           markdown_table(fusion, ["workload", "execution", "step_ms", "slowdown_vs_compiled",
-                                   "ops_per_step", "mb_moved_per_step", "coverage",
-                                   "classes_present"]),
-           *[f"- {s}" for s in fusion_findings(fusion)], "", "![fusion](figures/fusion.png)", ""]
 
+def _fusion_section(runs: list[Run], out: _Out) -> list[str]:
+  rows = fusion_rows(runs)
+  if not rows:
+    return []
+  out.table("fusion.csv", rows)
+  plot_fusion(rows, out.figure("fusion.png"), "train step: compiled, unfused, eager")
+  return ["## Fused versus per-op execution", "", "The train step as XLA compiles it, compiled "
+          "with the fusion passes off (each op its own kernel), and dispatched eagerly op by op "
+          "(jit disabled, loops run in Python). Ops per step counts executed op events; bytes "
+          "moved are the cost model's per executed op.", "",
+          markdown_table(rows, ["workload", "execution", "step_ms", "slowdown_vs_compiled",
+                                "ops_per_step", "mb_moved_per_step", "coverage",
+                                "classes_present"]),
+          *[f"- {s}" for s in fusion_findings(rows)], "", "![fusion](figures/fusion.png)", ""]
+
+
+def _scaling_sections(runs: list[Run], out: _Out) -> list[str]:
+  """Thread scaling, then device scaling beside it."""
+  md = []
   threads, fits = thread_rows(runs)
   if threads:
-    _write_csv(os.path.join(table_dir, "threads.csv"), threads)
-    _write_csv(os.path.join(table_dir, "amdahl.csv"), fits)
-    plot_scaling(threads, "cpus", figure("threads.png"), "CPU thread scaling (train step)", fits)
+    out.table("threads.csv", threads)
+    out.table("amdahl.csv", fits)
+    plot_scaling(threads, "cpus", out.figure("threads.png"), "CPU thread scaling (train step)",
+                 fits)
     class_cols = [k for k in dict.fromkeys(k for f in fits for k in f) if k.startswith("speedup:")]
     md += ["## CPU thread scaling", "", "Each point is its own process, its CPU affinity set "
            "before JAX starts. Amdahl's law t(n) = serial + parallel/n fitted by non-negative "
@@ -511,37 +534,61 @@ def build(study_dir: str) -> str:
            markdown_table(fits, ["workload", "cpus", "speedup", "parallel_fraction",
                                  "max_speedup", "rms_error"] + class_cols),
            "![threads](figures/threads.png)", ""]
-
   devices = device_rows(runs)
   if devices:
-    _write_csv(os.path.join(table_dir, "devices.csv"), devices)
-    plot_devices(devices, figure("devices.png"), "device scaling (train step, fixed global batch)")
+    out.table("devices.csv", devices)
+    plot_devices(devices, out.figure("devices.png"),
+                 "device scaling (train step, fixed global batch)")
     md += ["## Device scaling", "", "Data-parallel over 1, 2, 4, ... devices at a fixed global "
            "batch (on a CPU machine the devices are virtual and share its cores); communication "
            "is the collectives' class.", "",
            markdown_table(devices), "![devices](figures/devices.png)", ""]
+  return md
 
+
+def _roofline_section(runs: list[Run], peaks: Optional[dict], out: _Out) -> list[str]:
   points = roofline_points(runs)
-  if points and peaks:
-    _write_csv(os.path.join(table_dir, "roofline.csv"), points)
-    roofline.plot(points, peaks["matmul_flops_per_s"], peaks["copy_bytes_per_s"],
-                  figure("roofline.png"), "roofline: every op of the suite's runs")
-    top = sorted(points, key=lambda p: -p["time_us"])[:10]
-    for p in top:
-      p["of_roof"] = p["flops_per_s"] / float(roofline.attainable(
-          p["intensity"], peaks["matmul_flops_per_s"], peaks["copy_bytes_per_s"]))
-    md += ["## Roofline", "", "Each op's FLOPs per byte (cost model) and achieved FLOP/s (its "
-           "FLOPs over its measured time) under the measured peaks; marker area is time.", "",
-           "![roofline](figures/roofline.png)", "", "The ten ops that take the most time:", "",
-           markdown_table(top, ["run", "name", "fathom_class", "intensity", "flops_per_s",
-                                "of_roof", "time_us"])]
+  if not (points and peaks):
+    return []
+  flops_peak, bytes_peak = peaks["matmul_flops_per_s"], peaks["copy_bytes_per_s"]
+  out.table("roofline.csv", points)
+  roofline.plot(points, flops_peak, bytes_peak, out.figure("roofline.png"),
+                "roofline: every op of the suite's runs")
+  top = [{**p, "of_roof": p["flops_per_s"] / float(roofline.attainable(p["intensity"],
+                                                                        flops_peak, bytes_peak))}
+         for p in sorted(points, key=lambda p: -p["time_us"])[:10]]
+  return ["## Roofline", "", "Each op's FLOPs per byte (cost model) and achieved FLOP/s (its "
+          "FLOPs over its measured time) under the measured peaks; marker area is time. The copy "
+          "peak is a stream through main memory: ops whose operands stay in cache (small "
+          "presets) can sit above it.", "",
+          "![roofline](figures/roofline.png)", "", "The ten ops that take the most time:", "",
+          markdown_table(top, ["run", "name", "fathom_class", "intensity", "flops_per_s",
+                               "of_roof", "time_us"])]
 
-  md += ["## Runs", "", "| point | status | command |", "|---|---|---|"]
+
+def _runs_section(runs: list[Run], study_dir: str) -> list[str]:
+  md = ["## Runs", "", "| point | status | command |", "|---|---|---|"]
   for r in runs:
-    where = os.path.relpath(r.run_dir, study_dir) if r.run_dir else ""
+    link = f" ([run]({os.path.relpath(r.run_dir, study_dir)}))" if r.run_dir else ""
     status = r.status + (f": {r.error}" if r.error and r.status != "completed" else "")
-    md.append(f"| {r.point.id} {f'([run]({where}))' if where else ''} | {status} | "
-              f"`{r.command}` |")
+    md.append(f"| {r.point.id}{link} | {status} | `{r.command}` |")
+  return md
+
+
+def build(study_dir: str) -> str:
+  """Writes report.md, figures/*.png and tables/*.csv; returns the report's path."""
+  meta, runs, peaks = load(study_dir)
+  for folder in (FIGURES, TABLES):
+    os.makedirs(os.path.join(study_dir, folder), exist_ok=True)
+  out = _Out(study_dir)
+  done = sum(r.status == "completed" for r in runs)
+  md = ["# fathom_jax study", "", *_machine(runs, peaks),
+        f"- reproduce: `{meta.get('command', '')}` (resumes; every run's own command is in "
+        "the run list below)", "", f"{done} of {len(runs)} runs completed.", "",
+        *_suite_section(runs, peaks, out), *_train_vs_infer_section(runs, out),
+        *_similarity_section(runs, out), *_fusion_section(runs, out),
+        *_scaling_sections(runs, out), *_roofline_section(runs, peaks, out),
+        *_runs_section(runs, study_dir)]
   path = os.path.join(study_dir, REPORT_FILE)
   with open(path + ".tmp", "w") as f:
     f.write("\n".join(md) + "\n")

@@ -5,6 +5,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from fathom_jax.analysis import categories
+
 
 def op_points(rows: Iterable[dict], label: str = "") -> list[dict]:
   """ops.csv rows -> points of ops that do arithmetic and moved bytes in measured time."""
@@ -38,10 +40,12 @@ def plot(points: Sequence[dict], peak_flops: float, peak_bytes: float, path: str
   xs = np.geomspace(lo, hi, 200)
   ax.plot(xs, attainable(xs, peak_flops, peak_bytes), color="black", lw=1.2,
           label=f"peaks: {peak_flops / 1e9:.0f} GFLOP/s, {peak_bytes / 1e9:.1f} GB/s")
-  classes = sorted({p["fathom_class"] for p in points})
-  cmap = plt.get_cmap("tab10")
+  present = {p["fathom_class"] for p in points}
+  cmap = plt.get_cmap("tab10")  # indexed as in the breakdown figures: one colour per class
   total = sum(p["time_us"] for p in points) or 1.0
-  for i, cls in enumerate(classes):
+  for i, cls in enumerate(categories.CLASSES):
+    if cls not in present:
+      continue
     mine = [p for p in points if p["fathom_class"] == cls]
     # Marker area follows the op's share of time: the big circles are the ones that matter.
     ax.scatter([p["intensity"] for p in mine], [p["flops_per_s"] for p in mine],
