@@ -38,6 +38,10 @@ flags.DEFINE_integer("num_devices", None,
 flags.DEFINE_enum("execution", "compiled", ["compiled", "unfused", "eager"],
                   "How the step runs: compiled by XLA; compiled with XLA's fusion passes off "
                   "(each op its own kernel); or eager, dispatched op by op from Python.")
+flags.DEFINE_enum("bad_samples", "fail", ["fail", "skip"],
+                  "A damaged sample in a --data dataset (an image, a bAbI story, a WAV file, a "
+                  "sentence pair): fail with an error naming it, or skip it and count it in the "
+                  "summary. Damage to a whole file is an error either way.")
 flags.DEFINE_integer("cpus", None,
                      "Pin the process to the first N CPUs it may use, before JAX starts (XLA's "
                      "CPU thread pools follow the mask): the CPU thread-scaling knob.")
@@ -94,7 +98,7 @@ def specs_from_flags() -> list:
           seed=FLAGS.seed, dtype=FLAGS.dtype, data=FLAGS.data, output_dir=FLAGS.output_dir,
           backend=FLAGS.backend, num_devices=FLAGS.num_devices,
           allow_nonfinite=FLAGS.allow_nonfinite, profile=FLAGS.profile, quiet=FLAGS.quiet,
-          execution=FLAGS.execution)
+          execution=FLAGS.execution, bad_samples=FLAGS.bad_samples)
       for name in registry.expand(FLAGS.workload) for mode in modes
   ]
 

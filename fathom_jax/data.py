@@ -2,6 +2,10 @@
 
 A source has `batches(batch_size, *, seed, train)` returning an endless iterator, and a
 `summary()` dict that goes into the run's result (examples read, samples skipped, ...).
+
+Readers of real datasets take the user's choice for damaged samples (`BadSamples`): 'fail' stops
+at the first one with its DataError; 'skip' leaves each out (one image, one story, one utterance,
+one sentence pair) and counts it. Damage to a whole file is an error either way.
 """
 
 import queue
@@ -11,9 +15,11 @@ from typing import Callable, Iterator, Mapping
 import jax
 import numpy as np
 
-from fathom_jax.errors import DataError
+from fathom_jax.errors import DataError, UsageError
 
 NumpyBatch = Mapping[str, np.ndarray]
+BAD_SAMPLES = ("fail", "skip")
+BAD_SAMPLES_SHOWN = 5  # messages kept for the summary; the count covers them all
 
 
 class SyntheticSource:
@@ -76,6 +82,39 @@ class ArraySource:
   def summary(self) -> dict:
     return {"kind": "real", "source": self._description, "examples": self.num_examples,
             **self._extra}
+
+
+class BadSamples:
+  """A reader's policy for damaged samples and its tally of those it skipped."""
+
+  def __init__(self, policy: str = "fail"):
+    if policy not in BAD_SAMPLES:
+      raise UsageError(f"unknown bad_samples {policy!r}; choices are: {', '.join(BAD_SAMPLES)}")
+    self.policy = policy
+    self.count = 0
+    self.first: list[str] = []
+    self._lock = threading.Lock()  # decoding threads may report at once
+
+  def skip(self, error: DataError) -> None:
+    """One bad sample: raises its error under 'fail'; under 'skip' counts it."""
+    if self.policy == "fail":
+      raise error
+    with self._lock:
+      self.count += 1
+      if len(self.first) < BAD_SAMPLES_SHOWN:
+        self.first.append(str(error))
+
+  def check_any_left(self, left: int, what: str) -> None:
+    """DataError when skipping left no sample (`left`) to run on."""
+    if not left and self.count:
+      raise DataError(f"{what}: no usable samples; {self.count} bad ones skipped (first: "
+                      f"{self.first[0]})")
+
+  def summary(self) -> dict:
+    """The entry for a source's summary: nothing under 'fail' (a bad sample ends the run)."""
+    if self.policy == "fail":
+      return {}
+    return {"bad_samples": {"skipped": self.count, "first": list(self.first)}}
 
 
 def prefetch(iterator: Iterator, size: int = 2) -> Iterator:

@@ -9,9 +9,14 @@ then scaled to [0, 1] and normalised with the ImageNet mean and standard deviati
 Every example's randomness comes from (seed, epoch, position in the epoch), so batches are the
 same bit for bit whatever the threads do. Decoding runs on a small thread pool (Pillow releases
 the GIL) and batches are assembled on a background thread, ahead of the consumer.
+
+Images are decoded as batches need them, so a damaged one is found when it is first drawn: under
+bad_samples='fail' its DataError ends the run; under 'skip' it is counted, never drawn again,
+and its batch slot goes to the next image of the order (still the same bit for bit).
 """
 
 import concurrent.futures
+import itertools
 import math
 import os
 import threading
@@ -112,7 +117,9 @@ class ImageFolder:
   """A data source (see fathom_jax.data) over an ImageNet-style folder."""
 
   def __init__(self, root: str, image_size: int, workers: Optional[int] = None,
-               prefetch_batches: int = 2):
+               prefetch_batches: int = 2, bad_samples: str = "fail"):
+    self.bad = data_lib.BadSamples(bad_samples)
+    self._bad_indices: set[int] = set()
     self.root = root
     self.image_size = image_size
     self.classes, self.samples = scan(root)
@@ -137,32 +144,45 @@ class ImageFolder:
       self._decoded += 1
     return normalise(pixels)
 
-  def _schedule(self, batch_size: int, seed: int, train: bool) -> Iterator[list[tuple]]:
-    """Endless lists of (sample index, epoch, position) per batch; batches run across epochs.
-    Training reshuffles every epoch; inference reads the folder in order."""
-    epoch, position, order = 0, 0, None
-    while True:
-      batch = []
-      while len(batch) < batch_size:
-        if order is None or position == self.num_examples:
-          if order is not None:
-            epoch += 1
-          position = 0
-          order = (np.random.default_rng([seed, epoch]).permutation(self.num_examples) if train
-                   else np.arange(self.num_examples))
-        batch.append((int(order[position]), epoch, position))
-        position += 1
-      yield batch
+  def _order(self, seed: int, train: bool) -> Iterator[tuple[int, int, int]]:
+    """Endless (sample index, epoch, position) in reading order, running across epochs and
+    leaving out the images found bad so far. Training reshuffles every epoch; inference reads
+    the folder in order."""
+    for epoch in itertools.count():
+      order = (np.random.default_rng([seed, epoch]).permutation(self.num_examples) if train
+               else np.arange(self.num_examples))
+      for position, index in enumerate(order):
+        if int(index) not in self._bad_indices:
+          yield int(index), epoch, position
+
+  def _attempt(self, item: tuple[int, int, int], seed: int, train: bool):
+    """The example of `item`, or the DataError of its damaged image."""
+    index, epoch, position = item
+    try:
+      return self.example(index, seed=seed, epoch=epoch, position=position, train=train)
+    except DataError as e:
+      return e
 
   def _generate(self, batch_size: int, seed: int, train: bool) -> Iterator[dict]:
     labels = np.asarray([label for _, label in self.samples], np.int32)
+    order = self._order(seed, train)
     with concurrent.futures.ThreadPoolExecutor(self.workers,
                                                thread_name_prefix="image-decode") as pool:
-      for batch in self._schedule(batch_size, seed, train):
-        images = list(pool.map(
-            lambda item: self.example(item[0], seed=seed, epoch=item[1], position=item[2],
-                                      train=train), batch))
-        yield {"images": np.stack(images), "labels": labels[[i for i, _, _ in batch]]}
+      while True:
+        images, indices = [], []
+        while len(images) < batch_size:  # a bad image's slot goes to the next in the order
+          items = list(itertools.islice(order, batch_size - len(images)))
+          for (index, _, _), result in zip(items, pool.map(
+              lambda item: self._attempt(item, seed, train), items)):
+            if isinstance(result, DataError):
+              if index not in self._bad_indices:  # drawn twice in a chunk that spans epochs
+                self.bad.skip(result)
+                self._bad_indices.add(index)
+                self.bad.check_any_left(self.num_examples - len(self._bad_indices), self.root)
+            else:
+              images.append(result)
+              indices.append(index)
+        yield {"images": np.stack(images), "labels": labels[indices]}
 
   def batches(self, batch_size: int, *, seed: int, train: bool) -> Iterator[dict]:
     return data_lib.prefetch(self._generate(batch_size, seed, train), self.prefetch_batches)
@@ -170,4 +190,5 @@ class ImageFolder:
   def summary(self) -> dict:
     return {"kind": "real", "source": self.root, "format": "image folder",
             "examples": self.num_examples, "classes": self.num_classes,
-            "image_size": self.image_size, "images_decoded": self._decoded}
+            "image_size": self.image_size, "images_decoded": self._decoded,
+            **self.bad.summary()}

@@ -49,6 +49,7 @@ class RunSpec:
   allow_nonfinite: bool = False  # keep going past a NaN/inf loss (for studies of divergence)
   profile: bool = False  # trace the measured steps again under the profiler; op breakdown
   execution: str = "compiled"  # one of EXECUTIONS
+  bad_samples: str = "fail"  # a damaged sample in a real dataset: 'fail', or 'skip' and count it
   quiet: bool = False  # no progress lines
 
 
@@ -136,6 +137,9 @@ def resolve(spec: RunSpec) -> Resolved:
   if spec.execution not in EXECUTIONS:
     raise UsageError(f"unknown execution {spec.execution!r}; executions are: "
                      f"{', '.join(EXECUTIONS)}")
+  if spec.bad_samples not in data_lib.BAD_SAMPLES:
+    raise UsageError(f"unknown bad_samples {spec.bad_samples!r}; choices are: "
+                     f"{', '.join(data_lib.BAD_SAMPLES)}")
   for name in ("steps", "warmup_steps"):
     if getattr(spec, name) < (1 if name == "steps" else 0):
       raise UsageError(f"--{name} must be {'positive' if name == 'steps' else '>= 0'}, "
@@ -156,7 +160,7 @@ def resolve(spec: RunSpec) -> Resolved:
       raise UsageError(f"{workload.name} reads no dataset; leave --data at 'synthetic'")
     if not os.path.exists(spec.data):
       raise UsageError(f"--data path does not exist: {spec.data}")
-    source, config = workload.load_data(config, spec.data)
+    source, config = workload.load_data(config, spec.data, bad_samples=spec.bad_samples)
   model = workload.build(config, spec.dtype)
   if source is None:
     source = (workload.default_source(config, model) if workload.default_source
@@ -560,6 +564,11 @@ def format_summary(record: dict) -> str:
   ]
   if "final_loss" in f:
     lines.append(f"  loss         {f['losses'][0]:.4f} -> {f['final_loss']:.4f}")
+  bad = (record.get("data") or {}).get("bad_samples")
+  if bad:  # only under --bad_samples=skip
+    more = bad["skipped"] - len(bad["first"])
+    detail = "; ".join(bad["first"] + ([f"{more} more"] if more else []))
+    lines.append(f"  bad samples  {bad['skipped']} skipped" + (f": {detail}" if detail else ""))
   if record.get("run_dir"):
     lines.append(f"  result       {os.path.join(record['run_dir'], results.RESULT_FILE)}")
   return "\n".join(lines)

@@ -60,6 +60,8 @@ def test_mnist_reader_errors(tmp_path):
   _write_idx(str(bad_magic), np.zeros((2, 28, 28)), magic=b"\x12\x34\x08\x03")
   with pytest.raises(DataError, match="magic"):
     autoenc.load_data(autoenc.PRESETS["tiny"], str(bad_magic))
+  with pytest.raises(DataError, match="magic"):  # damage to the file: skipping does not help
+    autoenc.load_data(autoenc.PRESETS["tiny"], str(bad_magic), bad_samples="skip")
   truncated = tmp_path / "truncated"
   _write_idx(str(truncated), np.zeros((2, 28, 28)))
   truncated.write_bytes(truncated.read_bytes()[:-10])

@@ -82,6 +82,7 @@ def test_flagfile_and_batch_size(tmp_path):
     (["--workload=memnet", "--num_processes=0"], "--num_processes must be positive"),
     (["--workload=memnet", "--num_processes=2", "--process_id=5"], "--process_id must be in"),
     (["--workload=memnet", "--profile=maybe"], "--profile"),
+    (["--workload=memnet", "--bad_samples=ignore"], "--bad_samples"),
     (["--workload=memnet", "--preset="], "unknown preset ''"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
@@ -113,3 +114,22 @@ def test_real_data_run(tmp_path):
   record = json.load(open(tmp_path / "runs" / run_dir / "result.json"))
   assert record["data"]["kind"] == "real" and record["data"]["examples"] == 3
   assert record["config"]["vocab_size"] == 17
+
+
+def test_corrupt_image_skipped_when_asked(tmp_path):
+  from tests.test_images import write_folder
+  root = write_folder(tmp_path / "images")
+  (tmp_path / "images" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+  args = ("--workload=alexnet", "--preset=tiny", "--mode=infer", f"--data={root}", "--steps=2",
+          "--warmup_steps=0", f"--output_dir={tmp_path / 'runs'}")
+  proc = run_cli(*args)
+  assert proc.returncode == 2 and "broken.jpg: cannot decode image" in proc.stderr
+  assert len(proc.stderr.strip().splitlines()) == 1
+  proc = run_cli(*args, "--bad_samples=skip")
+  assert proc.returncode == 0, proc.stderr
+  assert "bad samples  1 skipped: " in proc.stdout and "broken.jpg" in proc.stdout
+  records = [json.load(open(tmp_path / "runs" / d / "result.json"))
+             for d in os.listdir(tmp_path / "runs")]
+  (record,) = [r for r in records if r["status"] == "completed"]
+  assert record["data"]["bad_samples"]["skipped"] == 1
+  assert "broken.jpg: cannot decode image" in record["data"]["bad_samples"]["first"][0]

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from fathom_jax import images, runner
-from fathom_jax.errors import DataError
+from fathom_jax.errors import DataError, UsageError
 from fathom_jax.workloads import alexnet, residual
 
 COLOURS = {"cat": (255, 0, 0), "dog": (0, 255, 0), "zebra": (0, 0, 255)}  # sorted: 0, 1, 2
@@ -137,6 +137,53 @@ def test_corrupt_images_are_data_errors_naming_the_file(tmp_path):
     take(images.ImageFolder(root, 16), 3, 4, train=True)
 
 
+def add_corrupt_images(root):
+  good = (root / "cat" / "0.jpg").read_bytes()
+  (root / "dog" / "truncated.jpg").write_bytes(good[:len(good) // 3])
+  (root / "zebra" / "noise.jpeg").write_bytes(b"not an image at all" * 10)
+
+
+def test_corrupt_images_skipped_and_counted(tmp_path):
+  root = write_folder(tmp_path)
+  add_corrupt_images(tmp_path)
+  source = images.ImageFolder(root, 16, bad_samples="skip")
+  assert source.num_examples == 11
+  # Inference reads in folder order; each bad image's slot goes to the next one, across epochs.
+  batches = take(source, 7, 3, train=False)
+  labels = np.concatenate([b["labels"] for b in batches])
+  np.testing.assert_array_equal(labels, [0, 0, 0, 1, 1, 1, 2, 2, 2] * 2 + [0, 0, 0])
+  for batch in batches:
+    assert [dominant_class(im) for im in batch["images"]] == batch["labels"].tolist()
+  bad = source.summary()["bad_samples"]
+  assert bad["skipped"] == 2  # counted once, though the second epoch passed them again
+  assert [m.split(": ")[0] for m in bad["first"]] == [
+      str(tmp_path / "dog" / "truncated.jpg"), str(tmp_path / "zebra" / "noise.jpeg")]
+  assert all("cannot decode image" in m for m in bad["first"])
+  # Training stays the same bit for bit whatever the threads, and every epoch holds the 9 good.
+  a = take(images.ImageFolder(root, 16, bad_samples="skip"), 6, 3, seed=1)
+  b = take(images.ImageFolder(root, 16, workers=1, bad_samples="skip"), 6, 3, seed=1)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x["images"], y["images"])
+  assert sorted(np.concatenate([x["labels"] for x in a[:3]])) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+  # With 'fail' (the default) the first bad image drawn is a one-line error naming it.
+  with pytest.raises(DataError, match="truncated.jpg: cannot decode image") as info:
+    take(images.ImageFolder(root, 16), 4, 3, train=False)
+  assert "\n" not in str(info.value)
+  assert "bad_samples" not in images.ImageFolder(root, 16).summary()
+
+
+def test_all_images_bad_is_an_error_even_when_skipping(tmp_path):
+  os.makedirs(tmp_path / "only")
+  for n in range(3):
+    (tmp_path / "only" / f"{n}.jpg").write_bytes(b"\xff\xd8 broken" * n)
+  source = images.ImageFolder(str(tmp_path), 16, bad_samples="skip")
+  with pytest.raises(DataError, match="no usable samples; 3 bad ones skipped") as info:
+    take(source, 1, 2)
+  assert str(info.value).startswith(str(tmp_path)) and "\n" not in str(info.value)
+  with pytest.raises(UsageError, match="unknown bad_samples 'drop'"):
+    images.ImageFolder(str(tmp_path), 16, bad_samples="drop")
+
+
 def test_bad_folders_are_data_errors(tmp_path):
   with pytest.raises(DataError, match="no such image folder"):
     images.ImageFolder(str(tmp_path / "missing"), 16)
@@ -154,10 +201,17 @@ def test_workloads_read_image_folders(tmp_path):
   assert config.num_classes == 3 and config.image_size == residual.PRESETS["tiny"].image_size
   batch = take(source, 1, 2)[0]
   assert batch["images"].shape == (2, config.image_size, config.image_size, 3)
-  # End to end through the runner: real batches, prefetched, into an inference run.
+  # End to end through the runner: real batches, prefetched, into an inference run; a corrupt
+  # image among them is skipped and shown in the record and the printed summary.
+  add_corrupt_images(tmp_path)
   record = runner.execute(runner.RunSpec(workload="alexnet", mode="infer", preset="tiny",
                                          data=root, steps=2, warmup_steps=0, output_dir=None,
-                                         quiet=True))
+                                         quiet=True, bad_samples="skip"))
   assert record["data"]["kind"] == "real" and record["data"]["classes"] == 3
   assert record["config"]["num_classes"] == 3 and record["data"]["images_decoded"] >= 4
   assert alexnet.PRESETS["tiny"].num_classes != 3  # the folder, not the preset, decided
+  assert record["data"]["bad_samples"]["skipped"] == 2  # 16 images drawn of 11, in order
+  assert record["spec"]["bad_samples"] == "skip"
+  (line,) = [l for l in runner.format_summary(record).splitlines() if "bad samples" in l]
+  assert line.startswith("  bad samples  2 skipped: ") and "truncated.jpg" in line
+  assert "noise.jpeg" in line

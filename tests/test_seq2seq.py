@@ -312,6 +312,28 @@ def test_reader_file_errors(tmp_path):
     seq2seq.load_data(config, str(tmp_path / "train.fr"))
 
 
+def test_pairs_with_undecodable_lines_skipped_and_counted(tmp_path):
+  write_corpus(tmp_path)
+  tgt = (tmp_path / "train.fr").read_bytes().split(b"\n")
+  tgt[1] = b"le chien \xe9tait ."  # Latin-1, not UTF-8
+  (tmp_path / "train.fr").write_bytes(b"\n".join(tgt))
+  config = checks.build("seq2seq")[0]
+  source, _ = seq2seq.load_data(config, str(tmp_path), bad_samples="skip")
+  assert source.num_examples == 2  # of the 3 that fit, the dog's pair is gone
+  src_vocab, _ = source.vocabularies
+  assert "dog" not in src_vocab and "cat" in src_vocab
+  summary = source.summary()
+  assert summary["bad_samples"] == {
+      "skipped": 1, "first": [f"{tmp_path / 'train.fr'}:2: not UTF-8 text (invalid continuation "
+                              "byte)"]}
+  with pytest.raises(DataError, match="train.fr:2: not UTF-8") as info:
+    seq2seq.load_data(config, str(tmp_path))
+  assert "\n" not in str(info.value)
+  (tmp_path / "train.en").write_bytes(b"\xff\n" * 5)
+  with pytest.raises(DataError, match="train.en: no usable samples; 5 bad ones skipped"):
+    seq2seq.load_data(config, str(tmp_path), bad_samples="skip")
+
+
 def test_unicode_line_separators_do_not_split_sentences(tmp_path):
   write_corpus(tmp_path, "a\u2028b\nc\n", "x\ny\n")
   source, _ = seq2seq.load_data(checks.build("seq2seq")[0], str(tmp_path))

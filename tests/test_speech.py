@@ -287,6 +287,31 @@ def test_reader_errors(tmp_path, setup, message):
     speech.load_data(checks.build("speech")[0], str(tmp_path))
 
 
+def test_unreadable_utterances_skipped_and_counted(tmp_path):
+  write_wav(tmp_path / "a.wav", 0.2)
+  (tmp_path / "a.txt").write_text("h# sh ix h#")
+  write_wav(tmp_path / "b.wav", 0.1, width=1)  # 8-bit PCM
+  (tmp_path / "b.txt").write_text("aa")
+  write_float_wav(tmp_path / "c.wav")
+  (tmp_path / "c.txt").write_text("aa")
+  write_wav(tmp_path / "d.wav", 0.1)  # no transcript
+  base = checks.build("speech")[0]
+  source, _ = speech.load_data(base, str(tmp_path), bad_samples="skip")
+  assert source.num_examples == 1
+  summary = source.summary()
+  assert summary["wav_files"] == 4 and summary["bad_samples"]["skipped"] == 3
+  assert summary["bad_samples"]["first"] == [
+      f"{tmp_path / 'b.wav'}: WAV encoding is 8-bit PCM; want 16-bit PCM",
+      f"{tmp_path / 'c.wav'}: WAV encoding is IEEE float; want 16-bit PCM",
+      f"{tmp_path / 'd.wav'}: no transcript beside it (d.txt or .phn)"]
+  with pytest.raises(DataError, match="b.wav: WAV encoding is 8-bit PCM") as info:
+    speech.load_data(base, str(tmp_path))
+  assert "\n" not in str(info.value)
+  os.remove(tmp_path / "a.wav")
+  with pytest.raises(DataError, match="no usable samples; 3 bad ones skipped"):
+    speech.load_data(base, str(tmp_path), bad_samples="skip")
+
+
 def test_reader_wants_a_folder(tmp_path):
   write_wav(tmp_path / "x.wav", 0.1)
   with pytest.raises(DataError, match="want a folder"):

@@ -155,8 +155,11 @@ def _find_images(path: str) -> str:
                   f"{', '.join(n + '[.gz]' for n in _IMAGE_NAMES)})")
 
 
-def load_data(config: Config, path: str):
-  """MNIST images (idx file, or a folder holding train-images-idx3-ubyte[.gz])."""
+def load_data(config: Config, path: str, bad_samples: str = "fail"):
+  """MNIST images (idx file, or a folder holding train-images-idx3-ubyte[.gz]). Records are
+  fixed-size raw pixels, so damage is to the file (magic number, size) and an error whatever
+  `bad_samples` says."""
+  data_lib.BadSamples(bad_samples)  # validates the choice; no sample here can be skipped
   image_path = _find_images(path)
   images = read_idx(image_path)
   if images.ndim != 3:

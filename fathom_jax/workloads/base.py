@@ -44,8 +44,11 @@ class Workload:
   presets: name -> config instance ('paper' is the paper's sizes; 'small', 'tiny' for quick runs).
   build(config, dtype) -> Model; dtype is the compute dtype ('float32' or 'bfloat16'); parameters
     and optimizer state stay float32.
-  load_data(config, path) -> (data source, config): reads the real dataset format at `path`; the
-    returned config carries what the data decides (e.g. vocabulary size).
+  load_data(config, path, bad_samples='fail') -> (data source, config): reads the real dataset
+    format at `path`; the returned config carries what the data decides (e.g. vocabulary size).
+    `bad_samples` is 'fail' (a damaged sample is a DataError naming it) or 'skip' (it is left
+    out and counted in the source's summary, see data.BadSamples); damage to a whole file is an
+    error either way.
   default_source(config, model) -> data source used when no path is given (synthetic otherwise);
     a source may define `observe(state)`, which the runner calls before each batch with the
     latest train state (or inference variables), e.g. for an agent acting in an environment.
@@ -55,6 +58,6 @@ class Workload:
   config_cls: type
   presets: Mapping[str, Any]
   build: Callable[[Any, str], Model]
-  load_data: Optional[Callable[[Any, str], tuple[Any, Any]]] = None
+  load_data: Optional[Callable[..., tuple[Any, Any]]] = None
   default_source: Optional[Callable[[Any, Model], Any]] = None
   example_unit: str = "examples"

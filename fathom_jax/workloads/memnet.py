@@ -127,22 +127,31 @@ def tokenize(text: str) -> list[str]:
   return _TOKEN.findall(text.lower())
 
 
-def parse_babi(path: str) -> list[tuple[list[list[str]], list[str], str]]:
-  """(story sentences so far, question, answer) for every question in a bAbI task file."""
-  examples, story = [], []
-  with open(path, encoding="utf-8", errors="strict") as f:
-    try:
-      lines = f.read().splitlines()
-    except UnicodeDecodeError as e:
-      raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+def _stories(lines: list[bytes]) -> list[list[tuple[int, bytes]]]:
+  """Numbered lines grouped into stories, each starting at a line whose ID is 1."""
+  stories = [[]]
   for lineno, line in enumerate(lines, 1):
+    head = line.strip().partition(b" ")[0]
+    if head.isdigit() and int(head) == 1 and stories[-1]:
+      stories.append([])
+    stories[-1].append((lineno, line))
+  return stories
+
+
+def _parse_story(path: str, lines: list[tuple[int, bytes]]):
+  """(story sentences so far, question, answer) for every question of one story."""
+  examples, story = [], []
+  for lineno, raw in lines:
+    try:
+      line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the "
+                      "line)") from None
     if not line.strip():
       continue
     head, _, rest = line.strip().partition(" ")
     if not head.isdigit() or not rest:
       raise DataError(f"{path}:{lineno}: malformed bAbI line (want 'ID text'): {line[:60]!r}")
-    if int(head) == 1:
-      story = []
     if "\t" in rest:
       fields = rest.split("\t")
       if len(fields) < 2 or not fields[1].strip():
@@ -151,6 +160,23 @@ def parse_babi(path: str) -> list[tuple[list[list[str]], list[str], str]]:
       examples.append((list(story), question, answer))
     else:
       story.append(tokenize(rest))
+  return examples
+
+
+def parse_babi(path: str, bad: data_lib.BadSamples | None = None
+               ) -> list[tuple[list[list[str]], list[str], str]]:
+  """(story sentences so far, question, answer) for every question in a bAbI task file. A
+  malformed line spoils its story; `bad` (a data.BadSamples, default 'fail') decides whether
+  that stops the run or the story's questions are left out and the story counted."""
+  bad = bad or data_lib.BadSamples()
+  with open(path, "rb") as f:
+    lines = f.read().splitlines()
+  examples = []
+  for story in _stories(lines):
+    try:
+      examples += _parse_story(path, story)
+    except DataError as e:
+      bad.skip(e)
   return examples
 
 
@@ -163,14 +189,17 @@ def _task_files(path: str) -> list[str]:
   return files
 
 
-def load_data(config: Config, path: str):
+def load_data(config: Config, path: str, bad_samples: str = "fail"):
   """A bAbI task file, or a folder of *_train.txt task files, as padded arrays.
 
   The vocabulary (nil word first) and the sentence length come from the data; stories keep their
-  most recent `memory_size` sentences, most recent first.
+  most recent `memory_size` sentences, most recent first. With bad_samples='skip' a story with a
+  malformed line is left out and counted.
   """
   files = _task_files(path)
-  examples = [ex for f in files for ex in parse_babi(f)]
+  bad = data_lib.BadSamples(bad_samples)
+  examples = [ex for f in files for ex in parse_babi(f, bad)]
+  bad.check_any_left(len(examples), path)
   if not examples:
     raise DataError(f"{path}: no questions found")
   words = sorted({w for story, q, a in examples for s in story for w in s}
@@ -190,7 +219,8 @@ def load_data(config: Config, path: str):
   config = config_lib.replace(config, vocab_size=len(vocab) + 1, sentence_len=sentence_len)
   source = data_lib.ArraySource(
       {"stories": stories, "query": queries, "answer": answers},
-      description=path, extra={"files": len(files), "vocab_size": len(vocab) + 1})
+      description=path, extra={"files": len(files), "vocab_size": len(vocab) + 1,
+                               **bad.summary()})
   return source, config
 
 

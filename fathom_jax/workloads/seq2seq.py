@@ -366,25 +366,28 @@ def tokenize(line: str) -> list[str]:
   return [_DIGIT.sub("0", w) for w in words]
 
 
-def read_lines(path: str) -> list[str]:
+def read_lines(path: str) -> tuple[list[str], dict[int, DataError]]:
   """Lines of a UTF-8 file, split on '\\n' only (str.splitlines would also split on Unicode
-  separators that occur inside sentences and misalign a parallel corpus)."""
+  separators that occur inside sentences and misalign a parallel corpus), and the errors of the
+  lines that are not UTF-8, by line index (such a line reads as '')."""
   try:
     with open(path, "rb") as f:
       raw = f.read()
   except OSError as e:
     raise DataError(f"{path}: cannot read ({e.strerror})") from None
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    line = raw[:e.start].count(b"\n") + 1
-    raise DataError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None
-  if not text:
+  if not raw:
     raise DataError(f"{path}: empty file")
-  lines = text.split("\n")
-  if lines[-1] == "":
-    lines.pop()
-  return [line.rstrip("\r") for line in lines]
+  pieces = raw.split(b"\n")
+  if pieces[-1] == b"":
+    pieces.pop()
+  lines, errors = [], {}
+  for i, piece in enumerate(pieces):
+    try:
+      lines.append(piece.decode("utf-8").rstrip("\r"))
+    except UnicodeDecodeError as e:
+      errors[i] = DataError(f"{path}:{i + 1}: not UTF-8 text ({e.reason})")
+      lines.append("")
+  return lines, errors
 
 
 def build_vocabulary(sentences: list[list[str]], size: int) -> dict[str, int]:
@@ -410,16 +413,24 @@ def parallel_files(config: Config, path: str) -> tuple[str, str]:
   return files
 
 
-def load_data(config: Config, path: str):
+def load_data(config: Config, path: str, bad_samples: str = "fail"):
   """Parallel text as bucketed arrays; the vocabulary sizes come from the data, capped at the
-  configured ones."""
+  configured ones. With bad_samples='skip' a pair with a line that is not UTF-8 is left out and
+  counted."""
   src_path, tgt_path = parallel_files(config, path)
-  src_lines, tgt_lines = read_lines(src_path), read_lines(tgt_path)
+  bad = data_lib.BadSamples(bad_samples)
+  (src_lines, src_errors), (tgt_lines, tgt_errors) = read_lines(src_path), read_lines(tgt_path)
+  if bad.policy == "fail" and (src_errors or tgt_errors):  # the first file's first bad line
+    raise next(iter((src_errors or tgt_errors).values()))
   if len(src_lines) != len(tgt_lines):
     raise DataError(f"{tgt_path}: {len(tgt_lines)} lines, but {src_path} has "
                     f"{len(src_lines)}; parallel files must align line by line")
-  src_tokens = [tokenize(s) for s in src_lines]
-  tgt_tokens = [tokenize(s) for s in tgt_lines]
+  bad_pairs = {**tgt_errors, **src_errors}  # one error per pair: the source side's if both
+  for i in sorted(bad_pairs):
+    bad.skip(bad_pairs[i])
+  bad.check_any_left(len(src_lines) - len(bad_pairs), src_path)
+  src_tokens = [tokenize(s) for i, s in enumerate(src_lines) if i not in bad_pairs]
+  tgt_tokens = [tokenize(s) for i, s in enumerate(tgt_lines) if i not in bad_pairs]
   src_vocab = build_vocabulary(src_tokens, config.source_vocab)
   tgt_vocab = build_vocabulary(tgt_tokens, config.target_vocab)
   S, T = config.lengths
@@ -450,7 +461,8 @@ def load_data(config: Config, path: str):
        "target_mask": target_mask},
       description=f"{src_path} + {tgt_path}",
       extra={"lines": len(src_lines), "dropped_too_long": too_long, "dropped_empty": empty,
-             "bucket": [S, T], "source_vocab": len(src_vocab), "target_vocab": len(tgt_vocab)})
+             "bucket": [S, T], "source_vocab": len(src_vocab), "target_vocab": len(tgt_vocab),
+             **bad.summary()})
   source_.vocabularies = (src_vocab, tgt_vocab)
   return source_, config
 

@@ -296,13 +296,20 @@ def find_wavs(path: str) -> list[str]:
   return wavs
 
 
-def load_data(config: Config, path: str):
-  """Features and phone labels of every WAV file under `path`, padded to the config's sizes."""
+def load_data(config: Config, path: str, bad_samples: str = "fail"):
+  """Features and phone labels of every WAV file under `path`, padded to the config's sizes.
+  With bad_samples='skip' an utterance whose WAV or transcript cannot be read is left out and
+  counted."""
   wavs = find_wavs(path)
+  bad = data_lib.BadSamples(bad_samples)
   kept, too_long, unalignable, rates = [], 0, 0, set()
   for wav in wavs:
-    labels = read_transcript(_transcript_for(wav))
-    samples, rate = audio.read_wav(wav)
+    try:
+      labels = read_transcript(_transcript_for(wav))
+      samples, rate = audio.read_wav(wav)
+    except DataError as e:
+      bad.skip(e)
+      continue
     rates.add(rate)
     feats = audio.speech_features(samples, rate)
     if len(feats) > config.max_frames or len(labels) > config.max_labels:
@@ -311,6 +318,7 @@ def load_data(config: Config, path: str):
       unalignable += 1
     else:
       kept.append((feats, labels))
+  bad.check_any_left(len(wavs) - bad.count, path)
   if not kept:
     raise DataError(f"{path}: no utterance fits max_frames={config.max_frames} and "
                     f"max_labels={config.max_labels} ({too_long} too long, {unalignable} too "
@@ -331,7 +339,7 @@ def load_data(config: Config, path: str):
       description=path,
       extra={"wav_files": len(wavs), "dropped_too_long": too_long,
              "dropped_unalignable": unalignable, "sample_rates": sorted(rates),
-             "frames": int(feature_lengths.sum())})
+             "frames": int(feature_lengths.sum()), **bad.summary()})
   return source, config
 
 

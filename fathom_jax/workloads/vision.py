@@ -107,9 +107,10 @@ def adaptive_avg_pool(x, size: int):
   return jnp.einsum("ih,jw,bhwc->bijc", ph, pw, x)
 
 
-def load_data(config, path: str):
-  """An ImageNet-style folder; the number of classes comes from its sub-folders."""
-  source = images_lib.ImageFolder(path, config.image_size)
+def load_data(config, path: str, bad_samples: str = "fail"):
+  """An ImageNet-style folder; the number of classes comes from its sub-folders. A damaged image
+  is found when first drawn and, with bad_samples='skip', left out and counted."""
+  source = images_lib.ImageFolder(path, config.image_size, bad_samples=bad_samples)
   return source, config_lib.replace(config, num_classes=source.num_classes)
 
 
