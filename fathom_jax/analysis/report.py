@@ -42,8 +42,10 @@ class Run:
     return self.record["figures"]["step_time_s"]["median"]
 
   def class_ms(self, cls: str) -> float:
+    """The class's share of the profiled step, applied to the unprofiled step time: the tracer
+    slows steps of many small ops, so its absolute times would overstate every class."""
     entry = (self.summary or {}).get("by_class", {}).get(cls)
-    return entry["time_per_step_s"] * 1e3 if entry else 0.0
+    return entry["share_of_step"] * self.step_s * 1e3 if entry else 0.0
 
   @property
   def ops_per_step(self) -> float:
@@ -288,11 +290,10 @@ def device_rows(runs: list[Run]) -> list[dict]:
       continue
     for r, s in zip(mine, scaling.speedups([r.point.devices for r in mine],
                                            [r.step_s for r in mine])):
-      comm = r.class_ms(categories.COMMUNICATION)
       rows.append({"workload": workload, "devices": r.point.devices,
                    "global_batch": r.record["config"]["batch_size"], "step_ms": r.step_s * 1e3,
                    "speedup": s, "throughput_per_s": r.record["figures"]["examples_per_s"],
-                   "communication_ms": comm,
+                   "communication_ms": r.class_ms(categories.COMMUNICATION),
                    "communication_share": r.summary["by_class"].get(
                        categories.COMMUNICATION, {}).get("share_of_step", 0.0)})
   return rows
@@ -511,7 +512,8 @@ def _fusion_section(runs: list[Run], out: _Out) -> list[str]:
   return ["## Fused versus per-op execution", "", "The train step as XLA compiles it, compiled "
           "with the fusion passes off (each op its own kernel), and dispatched eagerly op by op "
           "(jit disabled, loops run in Python). Ops per step counts executed op events; bytes "
-          "moved are the cost model's per executed op.", "",
+          "moved are the cost model's per executed op. A class's time is its share of the profiled "
+          "step times the unprofiled step time.", "",
           markdown_table(rows, ["workload", "execution", "step_ms", "slowdown_vs_compiled",
                                 "ops_per_step", "mb_moved_per_step", "coverage",
                                 "classes_present"]),
