@@ -43,6 +43,18 @@ def _version(module_name: str) -> str | None:
     return None
 
 
+def _cpu_model() -> str:
+  """The CPU's marketing name where the OS tells it (platform.processor() is often just 'x86_64')."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def describe(devices) -> dict:
   device = devices[0]
   try:
@@ -52,7 +64,7 @@ def describe(devices) -> dict:
   return {
       "python": sys.version.split()[0],
       "platform": platform.platform(),
-      "processor": platform.processor() or platform.machine(),
+      "processor": _cpu_model(),
       "hostname": socket.gethostname(),
       "cpu_count": os.cpu_count(),
       "cpu_affinity": affinity,
