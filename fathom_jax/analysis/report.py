@@ -562,7 +562,10 @@ def _roofline_section(runs: list[Run], peaks: Optional[dict], out: _Out) -> list
   return ["## Roofline", "", "Each op's FLOPs per byte (cost model) and achieved FLOP/s (its "
           "FLOPs over its measured time) under the measured peaks; marker area is time. The copy "
           "peak is a stream through main memory: ops whose operands stay in cache (small "
-          "presets) can sit above it.", "",
+          "presets) can sit above it. On CPU, XLA may run a large dot or convolution "
+          "asynchronously on its thread pool, and the op's event then closes before the work "
+          "does: such ops sit above the matmul ceiling, and the rest of their time shows as "
+          "uncovered step time.", "",
           "![roofline](figures/roofline.png)", "", "The ten ops that take the most time:", "",
           markdown_table(top, ["run", "name", "fathom_class", "intensity", "flops_per_s",
                                "of_roof", "time_us"])]
