@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from fathom_jax import config as config_lib
 from fathom_jax.errors import UsageError
-from fathom_jax.workloads import base, vision
+from fathom_jax.workloads import base, layers, vision
 
 nonneg = config_lib.nonneg
 
@@ -115,7 +115,7 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool):
     c = self.config
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
+    conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype,
                              kernel_init=vision.CONV_INIT)
     norm = functools.partial(nn.BatchNorm, use_running_average=not train,
                              momentum=c.bn_momentum, epsilon=c.bn_epsilon, dtype=self.dtype)

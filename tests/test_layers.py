@@ -1,0 +1,38 @@
+"""The CPU-friendly layers compute what flax's layers compute: outputs, gradients, variables."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fathom_jax.workloads import layers
+
+
+def _grads(f, *args):
+  """f(*args) and the gradients of a fixed random projection of it with respect to args."""
+  out = f(*args)
+  probe = jax.random.normal(jax.random.key(9), out.shape, out.dtype)
+  return out, jax.grad(lambda *a: (f(*a) * probe).sum(), argnums=tuple(range(len(args))))(*args)
+
+
+def _close(a, b, tol=1e-5):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.shape == y.shape
+    np.testing.assert_allclose(x, y, rtol=tol, atol=tol * float(jnp.abs(y).max()))
+
+
+@pytest.mark.parametrize("window,strides,padding", [
+    (1, 1, "VALID"), (1, 2, "VALID"), (3, 1, [(1, 1), (1, 1)]), (3, 2, [(1, 1), (1, 1)]),
+    (7, 2, [(3, 3), (3, 3)]), (5, 1, "VALID")])
+def test_conv_matches_flax(window, strides, padding):
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 5))
+  kwargs = dict(features=6, kernel_size=(window, window), strides=(strides, strides),
+                padding=padding)
+  ours, theirs = layers.Conv(**kwargs), nn.Conv(**kwargs)
+  variables = theirs.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == \
+      jax.tree.map(jnp.shape, variables)
+  _close(ours.init(jax.random.key(1), x), variables, 0)  # same initial values
+  _close(_grads(lambda v, x: ours.apply(v, x), variables, x),
+         _grads(lambda v, x: theirs.apply(v, x), variables, x))
