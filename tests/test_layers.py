@@ -36,3 +36,14 @@ def test_conv_matches_flax(window, strides, padding):
   _close(ours.init(jax.random.key(1), x), variables, 0)  # same initial values
   _close(_grads(lambda v, x: ours.apply(v, x), variables, x),
          _grads(lambda v, x: theirs.apply(v, x), variables, x))
+
+
+@pytest.mark.parametrize("window,stride,padding", [(3, 2, 1), (3, 2, 0), (2, 2, 0), (3, 1, 1)])
+def test_max_pool_matches_flax(window, stride, padding):
+  # ReLU outputs: many windows hold ties (zeros), whose gradient goes to the first of them.
+  x = jax.nn.relu(jax.random.normal(jax.random.key(0), (2, 11, 11, 3)))
+  x = x.at[0, 2, 2, 0].set(x[0, 2, 3, 0])  # a tie of positive values too
+  pads = [(padding, padding)] * 2
+  ours = lambda x: layers.max_pool(x, window, stride, padding)
+  theirs = lambda x: nn.max_pool(x, (window, window), (stride, stride), pads)
+  _close(_grads(ours, x), _grads(theirs, x), 1e-6)

@@ -122,7 +122,7 @@ class ResNet(nn.Module):
     bottleneck, stages = DEPTHS[c.depth]
     x = images.astype(self.dtype)
     x = nn.relu(norm()(conv(c.base_width, (7, 7), (2, 2), [(3, 3), (3, 3)])(x)))
-    x = nn.max_pool(x, (3, 3), (2, 2), [(1, 1), (1, 1)])
+    x = layers.max_pool(x, 3, 2, 1)
     for i, blocks in enumerate(stages):
       for j in range(blocks):
         stride = 2 if i > 0 and j == 0 else 1
