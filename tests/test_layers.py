@@ -38,6 +38,32 @@ def test_conv_matches_flax(window, strides, padding):
          _grads(lambda v, x: theirs.apply(v, x), variables, x))
 
 
+def test_batch_norm_matches_flax():
+  # Channels with a large mean and a small spread, as after a ReLU, test the statistics.
+  x = 3.0 + jax.random.normal(jax.random.key(0), (4, 5, 5, 6)) * jnp.linspace(0.1, 2.0, 6)
+  kwargs = dict(momentum=0.9, epsilon=1e-5)
+  ours = layers.BatchNorm(use_running_average=False, **kwargs)
+  theirs = nn.BatchNorm(use_running_average=False, **kwargs)
+  variables = theirs.init(jax.random.key(1), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(1), x)) == \
+      jax.tree.map(jnp.shape, variables)
+  # Non-trivial scale and bias, so that their gradients and the input's mix.
+  params = {"scale": jnp.linspace(0.5, 1.5, 6), "bias": jnp.linspace(-1.0, 1.0, 6)}
+  variables = {**variables, "params": params}
+
+  def train(module):
+    def f(params, x):
+      y, _ = module.apply({**variables, "params": params}, x, mutable=["batch_stats"])
+      return y
+    return f
+
+  _close(_grads(train(ours), params, x), _grads(train(theirs), params, x), 1e-4)
+  stats = lambda m: m.apply(variables, x, mutable=["batch_stats"])[1]
+  _close(stats(ours), stats(theirs))
+  infer = lambda m: m.clone(use_running_average=True).apply({**variables, **stats(theirs)}, x)
+  _close(infer(ours), infer(theirs))
+
+
 @pytest.mark.parametrize("window,stride,padding", [(3, 2, 1), (3, 2, 0), (2, 2, 0), (3, 1, 1)])
 def test_max_pool_matches_flax(window, stride, padding):
   # ReLU outputs: many windows hold ties (zeros), whose gradient goes to the first of them.

@@ -51,6 +51,75 @@ class Conv(nn.Module):
     return y
 
 
+def _normalize(x, mean, var, scale, bias, epsilon: float):
+  """(x - mean) * rsqrt(var + epsilon) * scale + bias per channel (flax's arithmetic)."""
+  return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm(x, scale, bias, epsilon: float):
+  """x normalised by its batch statistics over every axis but the last: (y, mean, var), the
+  statistics for the running averages (no gradient flows back through them as outputs). The
+  variance is flax's fast one, E[x^2] - E[x]^2."""
+  axes = tuple(range(x.ndim - 1))
+  mean = x.mean(axes)
+  var = jnp.maximum(0.0, (x * x).mean(axes) - mean * mean)
+  return _normalize(x, mean, var, scale, bias, epsilon), mean, var
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon):
+  y, mean, var = batch_norm(x, scale, bias, epsilon)
+  return (y, mean, var), (x, mean, var, scale)
+
+
+def _batch_norm_bwd(epsilon, residuals, grads):
+  # The gradient through the batch statistics in closed form: the sums of dy and dy * x in one
+  # pass over both, then dx as a per-channel affine function of (dy, x), so the normalised input
+  # is never written out. Autodiff of the statistics left chains of elementwise ops that XLA
+  # fused into several consumers and recomputed in each.
+  x, mean, var, scale = residuals
+  dy = grads[0]
+  axes = tuple(range(x.ndim - 1))
+  count = np.prod([x.shape[a] for a in axes])
+  rstd = jax.lax.rsqrt(var + epsilon)
+  d_bias = dy.sum(axes)
+  d_scale = rstd * ((dy * x).sum(axes) - mean * d_bias)
+  a = scale * rstd
+  b = -a * rstd * d_scale / count
+  c = -a * d_bias / count - b * mean
+  dx = a * dy + b * x + c
+  return dx, d_scale, d_bias
+
+
+batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
+
+
+class BatchNorm(nn.Module):
+  """nn.BatchNorm over the last axis (`scale`, `bias`; batch_stats `mean`, `var`; statistics and
+  normalisation in float32, the result in `dtype`) with the training gradient in closed form."""
+  use_running_average: bool
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    features = (x.shape[-1],)
+    scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+    x = x.astype(jnp.float32)
+    if self.use_running_average:
+      y = _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
+    else:
+      y, mean, var = batch_norm(x, scale, bias, self.epsilon)
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    return y.astype(self.dtype)
+
+
 def _window_taps(x, window: int, stride: int, padding: int):
   """x padded with -inf, and the strided slice of it under each window offset (row-major)."""
   pads = ((0, 0), (padding, padding), (padding, padding), (0, 0))

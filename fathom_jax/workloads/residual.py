@@ -117,7 +117,7 @@ class ResNet(nn.Module):
     c = self.config
     conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype,
                              kernel_init=vision.CONV_INIT)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
+    norm = functools.partial(layers.BatchNorm, use_running_average=not train,
                              momentum=c.bn_momentum, epsilon=c.bn_epsilon, dtype=self.dtype)
     bottleneck, stages = DEPTHS[c.depth]
     x = images.astype(self.dtype)
