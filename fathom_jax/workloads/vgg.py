@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from fathom_jax import config as config_lib
 from fathom_jax.errors import UsageError
-from fathom_jax.workloads import base, vision
+from fathom_jax.workloads import base, layers, vision
 
 nonneg = config_lib.nonneg
 
@@ -70,7 +70,7 @@ class VGG(nn.Module):
         x = nn.Conv(c.base_width * factor, (3, 3), padding=[(1, 1), (1, 1)], dtype=self.dtype,
                     kernel_init=vision.CONV_INIT)(x)
         x = nn.relu(x)
-      x = nn.max_pool(x, (2, 2), (2, 2))
+      x = layers.max_pool(x, 2, 2)
     x = vision.adaptive_avg_pool(x, c.pooled_size)
     x = x.reshape(x.shape[0], -1)
     for _ in range(2):
