@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from fathom_jax import config as config_lib
 from fathom_jax.errors import UsageError
-from fathom_jax.workloads import base, vision
+from fathom_jax.workloads import base, layers, vision
 
 nonneg = config_lib.nonneg
 
@@ -79,7 +79,7 @@ class AlexNet(nn.Module):
     conv = lambda n, k, s, p: nn.Conv(n, (k, k), (s, s), [(p, p), (p, p)], dtype=self.dtype,
                                       kernel_init=vision.CONV_INIT)
     lrn = lambda x: local_response_norm(x, c.lrn_size, c.lrn_bias, c.lrn_alpha, c.lrn_beta)
-    pool = lambda x: nn.max_pool(x, (3, 3), (2, 2))  # overlapping pooling
+    pool = lambda x: layers.max_pool(x, 3, 2)  # overlapping pooling
     c1, c2, c3, c4, c5 = c.conv_channels
     x = images.astype(self.dtype)
     x = pool(lrn(nn.relu(conv(c1, 11, 4, 2)(x))))
