@@ -427,7 +427,8 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int, placemen
   lowered = step_fn.lower(*args_shape)
   t1 = time.perf_counter()
   # Eager runs compile too: the compiled program's cost and memory analyses describe the step.
-  compiled = lowered.compile(**compile_options(spec.execution))
+  compiled = lowered.compile(**compile_options(
+      spec.execution, model.compiler_options.get((device.platform, spec.mode), {})))
   t2 = time.perf_counter()
   say(f"compiled in {t2 - t0:.2f} s (lower {t1 - t0:.2f} s, compile {t2 - t1:.2f} s)")
   cost = _cost(compiled)
@@ -514,10 +515,13 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int, placemen
   figures["peak_device_memory_bytes"] = _peak_device_memory(device)
 
 
-def compile_options(execution: str) -> dict:
+def compile_options(execution: str, model_options=None) -> dict:
+  """Keyword arguments of `Lowered.compile`: the model's own XLA options for this platform and
+  mode, and for unfused runs the fusion passes turned off."""
+  options = dict(model_options or {})
   if execution == "unfused":
-    return {"compiler_options": {"xla_disable_hlo_passes": ",".join(FUSION_PASSES)}}
-  return {}
+    options["xla_disable_hlo_passes"] = ",".join(FUSION_PASSES)
+  return {"compiler_options": options} if options else {}
 
 
 def eager_step(step: Callable) -> Callable:

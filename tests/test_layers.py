@@ -73,3 +73,20 @@ def test_max_pool_matches_flax(window, stride, padding):
   ours = lambda x: layers.max_pool(x, window, stride, padding)
   theirs = lambda x: nn.max_pool(x, (window, window), (stride, stride), pads)
   _close(_grads(ours, x), _grads(theirs, x), 1e-6)
+
+
+def test_eigen_convolutions_option_is_valid_and_changes_only_the_kernel():
+  x = jax.random.normal(jax.random.key(0), (8, 28, 28, 64))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 64, 64))
+  lowered = jax.jit(lambda x, w: layers.conv2d(x, w, (1, 1), ((1, 1), (1, 1)))).lower(x, w)
+  default = lowered.compile()
+  eigen = lowered.compile(compiler_options=layers.EIGEN_CONVOLUTIONS)
+  assert "__ynn_fusion" in default.as_text() and "__ynn_fusion" not in eigen.as_text()
+  _close(eigen(x, w), default(x, w))
+
+
+def test_runner_merges_model_options_with_its_own():
+  from fathom_jax import runner
+  assert runner.compile_options("compiled", {}) == {}
+  merged = runner.compile_options("unfused", layers.EIGEN_CONVOLUTIONS)["compiler_options"]
+  assert merged.keys() == {*layers.EIGEN_CONVOLUTIONS, "xla_disable_hlo_passes"}

@@ -28,6 +28,9 @@ class Model:
   synthetic_batch(rng, batch_size) -> batch with the real data's shapes, dtypes and value ranges.
   on_update(variables, step) -> variables: optional hook run inside the jitted train step after
     the optimizer update (e.g. copying DQN's target network every N updates).
+  compiler_options: XLA options for the compiled steps, by (platform, mode), e.g.
+    {("cpu", "train"): {...}}: where a backend's default lowering of the model's ops measured
+    slower (benchmarks/NOTES.md). They change how ops are computed, never what.
   """
   init: Callable[..., Variables]
   apply: Callable[..., tuple[Any, Variables]]
@@ -35,6 +38,8 @@ class Model:
   optimizer: optax.GradientTransformation
   synthetic_batch: Callable[[jax.Array, int], Batch]
   on_update: Optional[Callable[[Variables, jax.Array], Variables]] = None
+  compiler_options: Mapping[tuple[str, str], Mapping[str, Any]] = dataclasses.field(
+      default_factory=dict, hash=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,13 @@ import numpy as np
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
+# XLA's CPU backend hands convolutions, dots and reductions to YNNPACK by default. Its
+# convolutions made the image models' training steps 1.1-1.5x slower than XLA's own (Eigen)
+# convolutions (benchmarks/NOTES.md); dots and reductions stay with YNNPACK.
+EIGEN_CONVOLUTIONS = {
+    "xla_cpu_experimental_ynn_fusion_type":
+        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
 
 def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]):
   """NHWC x HWIO convolution. A 1x1 window is one matmul over the pixels: XLA lowers the kernel
