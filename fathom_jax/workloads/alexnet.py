@@ -121,7 +121,8 @@ class AlexNet(nn.Module):
 
 
 def build(config: Config, dtype: str) -> base.Model:
-  return vision.build_classifier(AlexNet(config, jnp.dtype(dtype)), config)
+  return vision.build_classifier(AlexNet(config, jnp.dtype(dtype)), config, {
+      ("cpu", "train"): layers.EIGEN_CONVOLUTIONS, ("cpu", "infer"): layers.EIGEN_ONLY})
 
 
 WORKLOAD = base.Workload(

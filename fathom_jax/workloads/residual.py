@@ -153,7 +153,9 @@ def build(config: Config, dtype: str) -> base.Model:
       init=init, apply=apply, loss=vision.cross_entropy,
       optimizer=vision.make_optimizer(config),
       synthetic_batch=lambda rng, n: vision.synthetic_batch(
-          config.image_size, config.num_classes, rng, n))
+          config.image_size, config.num_classes, rng, n),
+      compiler_options={("cpu", "train"): layers.EIGEN_CONVOLUTIONS,
+                        ("cpu", "infer"): layers.EIGEN_CONVOLUTIONS})
 
 
 WORKLOAD = base.Workload(

@@ -114,7 +114,7 @@ def load_data(config, path: str, bad_samples: str = "fail"):
   return source, config_lib.replace(config, num_classes=source.num_classes)
 
 
-def build_classifier(module, config) -> base.Model:
+def build_classifier(module, config, compiler_options=None) -> base.Model:
   """Model of a classifier without mutable state, whose only randomness is dropout."""
 
   def init(rng, batch):
@@ -127,4 +127,5 @@ def build_classifier(module, config) -> base.Model:
   return base.Model(
       init=init, apply=apply, loss=cross_entropy, optimizer=make_optimizer(config),
       synthetic_batch=lambda rng, n: synthetic_batch(
-          config.image_size, config.num_classes, rng, n))
+          config.image_size, config.num_classes, rng, n),
+      compiler_options=compiler_options or {})
