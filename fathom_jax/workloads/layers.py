@@ -1,4 +1,5 @@
-"""Layers of the image models written for XLA's CPU backend.
+"""Layers of the image models written for XLA's CPU backend, and the XLA options of its
+library kernels.
 
 Each computes what its flax counterpart computes, with the same variables (names, shapes,
 initialisers), but is written so that XLA compiles its training gradient well on CPU; the
@@ -14,14 +15,21 @@ import numpy as np
 
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
-# XLA's CPU backend hands convolutions, dots and reductions to YNNPACK by default. Its
-# convolutions made the image models' training steps 1.1-1.5x slower than XLA's own (Eigen)
-# convolutions (benchmarks/NOTES.md); dots and reductions stay with YNNPACK.
-EIGEN_CONVOLUTIONS = {
-    "xla_cpu_experimental_ynn_fusion_type":
-        "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+_YNN_KINDS = {"convolution": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+              "dot": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "reduce": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def ynnpack(*kinds: str) -> dict:
+  """XLA CPU compiler option: hand only these kinds of op ('convolution', 'dot', 'reduce') to
+  YNNPACK, which by default gets all three; XLA compiles the others itself (convolutions and
+  dots with Eigen). Which is faster depends on the model; benchmarks/NOTES.md has the figures."""
+  return {"xla_cpu_experimental_ynn_fusion_type": ",".join(_YNN_KINDS[k] for k in kinds)}
+
+
+# YNNPACK's convolutions made the image models' training steps 1.1-1.5x slower than Eigen's.
+EIGEN_CONVOLUTIONS = ynnpack("dot", "reduce")
 # Nothing to YNNPACK: AlexNet's and VGG's inference steps ran 1.07-1.28x faster.
-EIGEN_ONLY = {"xla_cpu_experimental_ynn_fusion_type": ""}
+EIGEN_ONLY = ynnpack()
 
 
 def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]):

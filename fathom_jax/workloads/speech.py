@@ -39,7 +39,7 @@ from fathom_jax import audio
 from fathom_jax import config as config_lib
 from fathom_jax import data as data_lib
 from fathom_jax.errors import DataError, UsageError
-from fathom_jax.workloads import base
+from fathom_jax.workloads import base, layers
 
 BLANK = 0
 TIMIT_PHONES = (
@@ -238,8 +238,11 @@ def build(config: Config, dtype: str) -> base.Model:
     labels, lengths = ctc_greedy_decode(logits, batch["feature_lengths"])
     return {"labels": labels, "lengths": lengths}, {}
 
+  # Eigen's dots ran both steps faster than YNNPACK's.
+  options = layers.ynnpack("convolution", "reduce")
   return base.Model(init=init, apply=apply, loss=ctc_loss, optimizer=make_optimizer(config),
-                    synthetic_batch=lambda rng, n: synthetic_batch(config, rng, n))
+                    synthetic_batch=lambda rng, n: synthetic_batch(config, rng, n),
+                    compiler_options={("cpu", "train"): options, ("cpu", "infer"): options})
 
 
 # --- WAV files with phone transcripts --------------------------------------------------------
