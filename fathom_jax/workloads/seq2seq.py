@@ -351,11 +351,14 @@ def build(config: Config, dtype: str) -> base.Model:
 
   optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                           optax.sgd(config.learning_rate))
-  # Greedy decoding's per-token products ran faster as Eigen dots than YNNPACK's; training's
-  # were slower.
+  # Training: YNNPACK's reduction over the logits (the output bias's gradient) ran at a few
+  # GFLOP/s. Greedy decoding: its per-token products ran faster as Eigen dots (training's did
+  # not).
+  options = {("cpu", "train"): layers.ynnpack("convolution", "dot"),
+             ("cpu", "infer"): layers.ynnpack("convolution", "reduce")}
   return base.Model(init=init, apply=apply, loss=sequence_loss, optimizer=optimizer,
                     synthetic_batch=lambda rng, n: synthetic_batch(config, rng, n),
-                    compiler_options={("cpu", "infer"): layers.ynnpack("convolution", "reduce")})
+                    compiler_options=options)
 
 
 # --- parallel text files ---------------------------------------------------------------------
