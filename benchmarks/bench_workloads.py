@@ -22,16 +22,13 @@ import functools
 import math
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
-from fathom_jax import environment, runner  # noqa: E402
+from fathom_jax import environment, peaks, runner  # noqa: E402
 from fathom_jax.analysis import cost, hlo  # noqa: E402
 from fathom_jax.workloads import registry  # noqa: E402
 
@@ -51,23 +48,6 @@ flags.DEFINE_float("min_time_s", 2.0, "Measured time a run must fill; shorter ru
 flags.DEFINE_integer("max_steps", 2000, "Upper bound on the steps of a repeated run.")
 flags.DEFINE_float("max_compile_s", 20.0, "Compile time (lower + compile) a step must stay under; "
                    "rows over it are marked and the script exits with status 1.")
-
-
-def matmul_peak(device, dtype: str, repeats: int = 5) -> float:
-  """FLOP/s of the best of `repeats` large square matmuls: the ceiling for MFU."""
-  n = 2048 if device.platform == "cpu" else 8192
-  key = jax.random.key(0)
-  a = jax.device_put(jax.random.normal(key, (n, n), jnp.dtype(dtype)), device)
-  b = jax.device_put(jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.dtype(dtype)),
-                     device)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - start)
-  return 2 * n**3 / min(times)
 
 
 def _batch_sizes() -> dict:
@@ -95,8 +75,8 @@ def model_flops(spec: runner.RunSpec) -> float:
     variables = jax.eval_shape(model.init, key, batch)
     lowered = jax.jit(runner.make_infer_step(model)).lower(variables, batch, key)
   platform = jax.devices(spec.backend)[0].platform
-  compiled = lowered.compile(**runner.compile_options(
-      spec.execution, model.compiler_options.get((platform, spec.mode), {})))
+  compiled, _ = runner.compile_step(
+      lowered, spec.execution, model.compiler_options.get((platform, spec.mode), {}))
   return cost.CostModel(hlo.parse_module(compiled.as_text())).total().flops
 
 
@@ -133,7 +113,7 @@ def main(argv):
           batch_size=batches.get(name, FLAGS.batch_size), steps=FLAGS.steps,
           warmup_steps=FLAGS.warmup_steps, dtype=FLAGS.dtype, output_dir=None,
           backend=FLAGS.backend, quiet=True)
-      peak = matmul_peak(devices[0], FLAGS.dtype)
+      peak = peaks.matmul_peak(devices[0], FLAGS.dtype)
       r = measure(spec)
       f = r["figures"]
       t = f["step_time_s"]

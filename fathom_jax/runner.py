@@ -427,9 +427,12 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int, placemen
   lowered = step_fn.lower(*args_shape)
   t1 = time.perf_counter()
   # Eager runs compile too: the compiled program's cost and memory analyses describe the step.
-  compiled = lowered.compile(**compile_options(
-      spec.execution, model.compiler_options.get((device.platform, spec.mode), {})))
+  compiled, dropped = compile_step(
+      lowered, spec.execution, model.compiler_options.get((device.platform, spec.mode), {}))
   t2 = time.perf_counter()
+  if dropped:
+    figures["compiler_options_dropped"] = dropped
+    say(f"this XLA does not take the model's options ({dropped['error']}); compiled without them")
   say(f"compiled in {t2 - t0:.2f} s (lower {t1 - t0:.2f} s, compile {t2 - t1:.2f} s)")
   cost = _cost(compiled)
   figures.update(
@@ -441,7 +444,7 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int, placemen
     raise _out_of_memory(spec, batch_size, needed, available)
 
   batches = _batches(source, batch_size, spec.seed, train)
-  put = lambda b: place_batch(b, placement)
+  put = _placer(source, placement)
   first = put(next(batches))
   _check_batch(first, batch_shape, spec.workload)
   # Keys are made inside jit: a host-side key cannot be placed on other hosts' devices.
@@ -513,6 +516,40 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int, placemen
         run_dir, spec.mode, spec.steps, prepare, run, programs, figures["step_times_s"],
         say, f"{spec.workload} {spec.mode} ({spec.preset})")
   figures["peak_device_memory_bytes"] = _peak_device_memory(device)
+
+
+def _placer(source, placement: Placement) -> Callable:
+  """Puts a host batch on the devices. A synthetic source cycles a fixed pool of batches (kept
+  alive by its iterator, so their ids are stable): each is placed once, not on every step."""
+  if not isinstance(source, data_lib.SyntheticSource):
+    return lambda batch: place_batch(batch, placement)
+  placed = {}
+
+  def put(batch):
+    if id(batch) not in placed:
+      placed[id(batch)] = place_batch(batch, placement)
+    return placed[id(batch)]
+  return put
+
+
+# What XLA says when it does not know an option, or not one of its values (options and their
+# enums come and go between jaxlib releases).
+_UNKNOWN_OPTION_ERRORS = ("No such compile option", "While setting option")
+
+
+def compile_step(lowered, execution: str, model_options=None) -> tuple:
+  """`lowered` compiled with `compile_options`, and None; or, where this XLA rejects one of the
+  model's own options (they are speed choices, not semantics), compiled without them and a
+  record of what was dropped and why."""
+  try:
+    return lowered.compile(**compile_options(execution, model_options)), None
+  except jax.errors.JaxRuntimeError as e:
+    message = str(e).strip()
+    if not model_options or not any(m in message for m in _UNKNOWN_OPTION_ERRORS):
+      raise
+  compiled = lowered.compile(**compile_options(execution))
+  return compiled, {"options": {k: str(v) for k, v in model_options.items()},
+                    "error": message.splitlines()[0]}
 
 
 def compile_options(execution: str, model_options=None) -> dict:

@@ -90,3 +90,39 @@ def test_runner_merges_model_options_with_its_own():
   assert runner.compile_options("compiled", {}) == {}
   merged = runner.compile_options("unfused", layers.EIGEN_CONVOLUTIONS)["compiler_options"]
   assert merged.keys() == {*layers.EIGEN_CONVOLUTIONS, "xla_disable_hlo_passes"}
+
+
+def test_an_option_this_xla_lacks_is_dropped_and_recorded_not_fatal():
+  from fathom_jax import runner
+  lowered = jax.jit(lambda x: x * 2.0).lower(jnp.ones(3))
+  options = {"xla_option_no_release_has": True}
+  compiled, dropped = runner.compile_step(lowered, "compiled", options)
+  np.testing.assert_allclose(compiled(jnp.ones(3)), 2.0)
+  assert dropped["options"] == {"xla_option_no_release_has": "True"}
+  assert "xla_option_no_release_has" in dropped["error"]
+  # A bad value of an option this XLA has is dropped the same way; unfused keeps its own options.
+  compiled, dropped = runner.compile_step(
+      lowered, "unfused", {"xla_cpu_experimental_ynn_fusion_type": "no-such-kind"})
+  assert dropped is not None and compiled is not None
+  assert runner.compile_step(lowered, "compiled", layers.EIGEN_CONVOLUTIONS)[1] is None
+
+
+def test_a_run_whose_model_options_this_xla_lacks_still_runs(monkeypatch):
+  import dataclasses
+  from fathom_jax import runner
+  from fathom_jax.workloads import registry
+  get = registry.get
+
+  def with_unknown_option(name):
+    workload = get(name)
+    build = lambda *args, **kwargs: dataclasses.replace(
+        workload.build(*args, **kwargs),
+        compiler_options={("cpu", "train"): {"xla_option_no_release_has": True}})
+    return dataclasses.replace(workload, build=build)
+  monkeypatch.setattr(registry, "get", with_unknown_option)
+  record = runner.execute(runner.RunSpec(
+      workload="autoenc", mode="train", preset="tiny", steps=2, warmup_steps=0, output_dir=None,
+      quiet=True))
+  dropped = record["figures"]["compiler_options_dropped"]
+  assert "xla_option_no_release_has" in dropped["options"]
+  assert all(np.isfinite(record["figures"]["losses"]))
