@@ -1,9 +1,12 @@
 """The shared runner: builds the jitted train and inference steps of any workload, compiles them
 ahead of time, times them, and writes the run's result file."""
 
+import contextlib
 import dataclasses
 import functools
 import os
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -465,36 +468,39 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int, placemen
   batch = first
   log_every = max(1, total // 10)
   last_log = time.perf_counter()
-  for i in range(total):
-    if i > 0:
-      if observe is not None:
-        observe(state if train else variables)
-      batch = put(next(batches))
-      _block(batch)
-    start = time.perf_counter()
-    if train:
-      state, metrics = call(state, batch)
-      out = _block(metrics)
-    else:
-      out = _block(call(variables, batch, infer_rng))
-    elapsed = time.perf_counter() - start
-    warm = i < spec.warmup_steps
-    loss = float(out["loss"]) if train else None
-    if not warm:
-      figures["step_times_s"].append(elapsed)
+  with _interrupt_between_steps() as interrupted:
+    for i in range(total):
+      if interrupted():
+        raise KeyboardInterrupt
+      if i > 0:
+        if observe is not None:
+          observe(state if train else variables)
+        batch = put(next(batches))
+        _block(batch)
+      start = time.perf_counter()
       if train:
-        figures["losses"].append(loss)
-    if train and not np.isfinite(loss):
-      message = f"{spec.workload}: non-finite loss ({loss}) at step {i + 1}"
-      if not spec.allow_nonfinite:
-        raise RunFailed(message + "; --allow_nonfinite continues past it")
-      figures.setdefault("nonfinite_steps", []).append(i + 1)
-    now = time.perf_counter()
-    if i <= spec.warmup_steps or i % log_every == 0 or i == total - 1 or now - last_log > 2.0:
-      last_log = now
-      tag = "warm-up " if warm else ""
-      loss_text = f" loss {loss:.4f}" if train else ""
-      say(f"{tag}step {i + 1}/{total}{loss_text} {elapsed * 1e3:.1f} ms")
+        state, metrics = call(state, batch)
+        out = _block(metrics)
+      else:
+        out = _block(call(variables, batch, infer_rng))
+      elapsed = time.perf_counter() - start
+      warm = i < spec.warmup_steps
+      loss = float(out["loss"]) if train else None
+      if not warm:
+        figures["step_times_s"].append(elapsed)
+        if train:
+          figures["losses"].append(loss)
+      if train and not np.isfinite(loss):
+        message = f"{spec.workload}: non-finite loss ({loss}) at step {i + 1}"
+        if not spec.allow_nonfinite:
+          raise RunFailed(message + "; --allow_nonfinite continues past it")
+        figures.setdefault("nonfinite_steps", []).append(i + 1)
+      now = time.perf_counter()
+      if i <= spec.warmup_steps or i % log_every == 0 or i == total - 1 or now - last_log > 2.0:
+        last_log = now
+        tag = "warm-up " if warm else ""
+        loss_text = f" loss {loss:.4f}" if train else ""
+        say(f"{tag}step {i + 1}/{total}{loss_text} {elapsed * 1e3:.1f} ms")
   if spec.profile:  # the same number of steps again, traced; see fathom_jax.profiling
     from fathom_jax import profiling
 
@@ -516,6 +522,27 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int, placemen
         run_dir, spec.mode, spec.steps, prepare, run, programs, figures["step_times_s"],
         say, f"{spec.workload} {spec.mode} ({spec.preset})")
   figures["peak_device_memory_bytes"] = _peak_device_memory(device)
+
+
+@contextlib.contextmanager
+def _interrupt_between_steps():
+  """Ctrl-C during the measured loop takes effect between steps: a KeyboardInterrupt raised
+  inside a dispatch can leave the runtime's threads waiting at exit. A second Ctrl-C interrupts
+  at once. Yields a function that tells whether Ctrl-C was pressed."""
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda: False
+    return
+  pressed = []
+
+  def handler(signum, frame):
+    if pressed:
+      raise KeyboardInterrupt
+    pressed.append(signum)
+  previous = signal.signal(signal.SIGINT, handler)
+  try:
+    yield lambda: bool(pressed)
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def _placer(source, placement: Placement) -> Callable:
