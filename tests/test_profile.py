@@ -15,7 +15,7 @@ from fathom_jax.analysis import breakdown, categories
 def profiled(tmp_path_factory):
   out = tmp_path_factory.mktemp("runs")
   # A tiny model at a batch large enough that the ops, not Python dispatch, fill the step.
-  spec = runner.RunSpec(workload="memnet", preset="tiny", batch_size=1024, steps=4,
+  spec = runner.RunSpec(workload="memnet", preset="tiny", batch_size=4096, steps=4,
                         warmup_steps=1, output_dir=str(out), profile=True, quiet=True)
   record = runner.execute(spec)
   return record, record["run_dir"]
