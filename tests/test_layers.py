@@ -75,6 +75,48 @@ def test_max_pool_matches_flax(window, stride, padding):
   _close(_grads(ours, x), _grads(theirs, x), 1e-6)
 
 
+def _shared_relu(materialize):
+  def f(x, token):
+    y = jnp.maximum(x * 2.0 + 1.0, 0.0)
+    y = layers.materialize(y, token) if materialize else y
+    return y * 3.0 + jnp.sin(y)
+  return f
+
+
+def test_materialize_is_the_identity_with_its_gradient():
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+  token = jnp.float32(1.0)
+  _close(_grads(_shared_relu(True), x, token)[:1], _grads(_shared_relu(False), x, token)[:1], 0)
+  _close(_grads(_shared_relu(True), x, token)[1][0], _grads(_shared_relu(False), x, token)[1][0], 0)
+  # Even a NaN token, the run-time predicate's other branch, returns x.
+  _close(jax.jit(layers.materialize)(x, jnp.float32(jnp.nan)), x, 0)
+
+
+def test_materialize_writes_a_value_out_once_on_cpu():
+  # Without it XLA recomputes the shared relu inside both consumers' fusions; with it the value
+  # is computed by one fusion and read by the others.
+  x = jax.ShapeDtypeStruct((256, 256), jnp.float32)
+  token = jax.ShapeDtypeStruct((), jnp.float32)
+  def relu_fusions(materialize):
+    text = jax.jit(_shared_relu(materialize)).lower(x, token).compile().as_text()
+    fusions = [line for line in text.splitlines() if " fusion(" in line]
+    return text, sum("maximum" in line.split("=")[0] for line in fusions)
+  text, computed = relu_fusions(False)
+  assert "conditional(" not in text
+  text, computed_once = relu_fusions(True)
+  assert "conditional(" in text and computed_once == 1
+
+
+def test_materialize_leaves_other_platforms_alone():
+  # Only CPU gets the run-time predicate (a conditional on a GPU is a host round trip); the
+  # platform switch itself is a constant that XLA folds away.
+  def lowered(platform):
+    return jax.jit(layers.materialize).trace(jnp.ones(4), jnp.float32(1)).lower(
+        lowering_platforms=(platform,)).as_text()
+  assert "stablehlo.compare" in lowered("cpu")
+  assert "stablehlo.compare" not in lowered("cuda")
+
+
 def test_eigen_convolutions_option_is_valid_and_changes_only_the_kernel():
   x = jax.random.normal(jax.random.key(0), (8, 28, 28, 64))
   w = jax.random.normal(jax.random.key(1), (3, 3, 64, 64))

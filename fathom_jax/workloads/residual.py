@@ -78,9 +78,10 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     s = self.stride
-    y = nn.relu(self.norm()(self.conv(self.width, (3, 3), (s, s), [(1, 1), (1, 1)])(x)))
-    y = self.norm()(self.conv(self.width, (3, 3), (1, 1), [(1, 1), (1, 1)])(y))
-    return nn.relu(y + shortcut(x, self.width, s, self.conv, self.norm))
+    y = bn_relu(self.norm, self.conv(self.width, (3, 3), (s, s), [(1, 1), (1, 1)])(x))
+    bn = self.norm()
+    y = bn(self.conv(self.width, (3, 3), (1, 1), [(1, 1), (1, 1)])(y))
+    return relu(y + shortcut(x, self.width, s, self.conv, self.norm), bn)
 
 
 class Bottleneck(nn.Module):
@@ -95,10 +96,22 @@ class Bottleneck(nn.Module):
   def __call__(self, x):
     s = self.stride
     s1, s3 = (1, s) if self.stride_in_3x3 else (s, 1)
-    y = nn.relu(self.norm()(self.conv(self.width, (1, 1), (s1, s1), "VALID")(x)))
-    y = nn.relu(self.norm()(self.conv(self.width, (3, 3), (s3, s3), [(1, 1), (1, 1)])(y)))
-    y = self.norm()(self.conv(4 * self.width, (1, 1), (1, 1), "VALID")(y))
-    return nn.relu(y + shortcut(x, 4 * self.width, s, self.conv, self.norm))
+    y = bn_relu(self.norm, self.conv(self.width, (1, 1), (s1, s1), "VALID")(x))
+    y = bn_relu(self.norm, self.conv(self.width, (3, 3), (s3, s3), [(1, 1), (1, 1)])(y))
+    bn = self.norm()
+    y = bn(self.conv(4 * self.width, (1, 1), (1, 1), "VALID")(y))
+    return relu(y + shortcut(x, 4 * self.width, s, self.conv, self.norm), bn)
+
+
+def relu(x, bn):
+  """nn.relu(x), written to memory once on CPU (`layers.materialize`, which reads an element of
+  the batch norm `bn`'s scale as its replicated scalar)."""
+  return layers.materialize(nn.relu(x), bn.variables["params"]["scale"][0])
+
+
+def bn_relu(norm, x):
+  bn = norm()
+  return relu(bn(x), bn)
 
 
 def shortcut(x, features: int, stride: int, conv, norm):
@@ -121,7 +134,7 @@ class ResNet(nn.Module):
                              momentum=c.bn_momentum, epsilon=c.bn_epsilon, dtype=self.dtype)
     bottleneck, stages = DEPTHS[c.depth]
     x = images.astype(self.dtype)
-    x = nn.relu(norm()(conv(c.base_width, (7, 7), (2, 2), [(3, 3), (3, 3)])(x)))
+    x = bn_relu(norm, conv(c.base_width, (7, 7), (2, 2), [(3, 3), (3, 3)])(x))
     x = layers.max_pool(x, 3, 2, 1)
     for i, blocks in enumerate(stages):
       for j in range(blocks):
