@@ -75,6 +75,20 @@ def test_max_pool_matches_flax(window, stride, padding):
   _close(_grads(ours, x), _grads(theirs, x), 1e-6)
 
 
+@pytest.mark.parametrize("size", [8, 9])
+@pytest.mark.parametrize("window,stride,padding", [
+    (3, 1, ((1, 1), (1, 1))), (3, 2, ((1, 1), (1, 1))), (7, 2, ((3, 3), (3, 3))),
+    (5, 3, ((0, 0), (0, 0))), (3, 2, ((0, 1), (0, 1)))])
+def test_windowed_conv_gradients_are_autodiffs_exactly(size, window, stride, padding):
+  x = jax.random.normal(jax.random.key(0), (2, size, size, 3))
+  w = jax.random.normal(jax.random.key(1), (window, window, 3, 4))
+  def loss(conv):
+    return lambda x, w: (conv(x, w, (stride, stride), padding) ** 2).sum()
+  ours = jax.jit(jax.grad(loss(layers.windowed_conv), (0, 1)))(x, w)
+  autodiff = jax.jit(jax.grad(loss(layers._conv), (0, 1)))(x, w)
+  _close(ours, autodiff, 0)
+
+
 def _shared_relu(materialize):
   def f(x, token):
     y = jnp.maximum(x * 2.0 + 1.0, 0.0)

@@ -42,7 +42,42 @@ def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], 
     x = x[:, ::strides[0], ::strides[1], :]
     b, h, w, _ = x.shape
     return (x.reshape(-1, cin) @ kernel.reshape(cin, cout)).reshape(b, h, w, cout)
+  return windowed_conv(x, kernel, strides, padding)
+
+
+def _conv(x, kernel, strides, padding):
   return jax.lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=DIMENSIONS)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def windowed_conv(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]):
+  """NHWC x HWIO convolution, with the input gradient's kernel prepared in two passes. The input
+  gradient convolves with the kernel flipped in space and transposed (in <-> out); XLA's CPU
+  backend fused the flip and the transpose into one loop that ran at 2-4 GB/s (2.35 ms for a
+  3x3x512x512 kernel), where the flip, written out, and then the transpose take 0.7 ms."""
+  return _conv(x, kernel, strides, padding)
+
+
+def _windowed_conv_fwd(x, kernel, strides, padding):
+  return _conv(x, kernel, strides, padding), (x, kernel)
+
+
+def _windowed_conv_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  kh, kw = kernel.shape[:2]
+  flipped = materialize(kernel[::-1, ::-1], kernel.reshape(-1)[0])
+  # The transposed convolution: dy dilated by the strides, padded so the result has x's size.
+  pads = []
+  for size, k, s, (low, _), out in zip(x.shape[1:3], (kh, kw), strides, padding, dy.shape[1:3]):
+    before = k - 1 - low
+    pads.append((before, size + k - 1 - (out - 1) * s - 1 - before))
+  dx = jax.lax.conv_general_dilated(dy, jnp.swapaxes(flipped, 2, 3), (1, 1), pads,
+                                    lhs_dilation=strides, dimension_numbers=DIMENSIONS)
+  _, kernel_vjp = jax.vjp(lambda k: _conv(x, k, strides, padding), kernel)
+  return dx, kernel_vjp(dy)[0]
+
+
+windowed_conv.defvjp(_windowed_conv_fwd, _windowed_conv_bwd)
 
 
 class Conv(nn.Module):
