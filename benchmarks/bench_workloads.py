@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 
-from fathom_jax import environment, peaks, runner  # noqa: E402
+from fathom_jax import environment, host_memory, peaks, runner  # noqa: E402
 from fathom_jax.analysis import cost, hlo  # noqa: E402
 from fathom_jax.workloads import registry  # noqa: E402
 
@@ -45,6 +45,8 @@ flags.DEFINE_enum("backend", None, ["cpu", "gpu", "tpu"], "JAX backend.")
 flags.DEFINE_multi_string("override", [], "workload:field=value config override; repeatable.")
 flags.DEFINE_float("min_time_s", 2.0, "Measured time a run must fill; shorter runs are repeated "
                    "with more steps (at most --max_steps).")
+flags.DEFINE_bool("reuse_host_memory", True, "Keep freed host memory for reuse, as run.py does "
+                  "(fathom_jax/host_memory.py).")
 flags.DEFINE_integer("max_steps", 2000, "Upper bound on the steps of a repeated run.")
 flags.DEFINE_float("max_compile_s", 20.0, "Compile time (lower + compile) a step must stay under; "
                    "rows over it are marked and the script exits with status 1.")
@@ -94,11 +96,14 @@ def measure(spec: runner.RunSpec) -> dict:
 
 def main(argv):
   del argv
+  if FLAGS.reuse_host_memory:
+    host_memory.keep_freed_memory()  # before JAX starts its threads
   devices = environment.select_devices(FLAGS.backend)
   env = environment.describe(devices)
   print(f"# {env['device_kind']} ({env['backend']}, {env['cpu_affinity']} cores), jax "
         f"{env['jax']}, {FLAGS.dtype}, preset {FLAGS.preset}; MFU against the matmul peak "
-        f"measured before each row; compile limit {FLAGS.max_compile_s:.0f} s")
+        f"measured before each row; compile limit {FLAGS.max_compile_s:.0f} s; freed host memory "
+        f"{'kept' if env['host_memory_reused'] else 'returned to the kernel'}")
   header = (f"{'workload':<9} {'mode':<5} {'batch':>5} {'compile s':>10} {'step ms':>9} "
             f"{'p10-p90 ms':>15} {'steps':>5} {'throughput':>22} {'GFLOP/step':>10} "
             f"{'XLA GFLOP':>10} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6}")

@@ -15,6 +15,7 @@ each row. PyTorch is not a dependency of fathom_jax: run this in an environment 
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -150,10 +151,18 @@ def main():
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup_steps", type=int, default=2)
   parser.add_argument("--min_time_s", type=float, default=2.0)
+  parser.add_argument("--reuse_host_memory", action=argparse.BooleanOptionalAction, default=True,
+                      help="keep freed host memory for reuse, as fathom_jax's runs do")
   args = parser.parse_args()
+  kept = False
+  if args.reuse_host_memory:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from fathom_jax import host_memory  # no JAX import: ctypes only
+    kept = host_memory.keep_freed_memory()
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float32, eager; "
-        f"mm peak measured before each row")
+        f"mm peak measured before each row; freed host memory "
+        f"{'kept' if kept else 'returned to the kernel'}")
   print(f"{'workload':<9} {'mode':<5} {'layout':<13} {'batch':>5} {'params':>12} "
         f"{'step ms':>9} {'steps':>5} {'images/s':>9} {'mm peak':>8}")
   for name in args.workloads.split(","):

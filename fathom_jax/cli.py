@@ -6,6 +6,7 @@ import sys
 
 from absl import app, flags
 
+from fathom_jax import host_memory
 from fathom_jax.errors import RunFailed, UsageError
 from fathom_jax.flagparse import parse_flags
 
@@ -42,6 +43,9 @@ flags.DEFINE_enum("bad_samples", "fail", ["fail", "skip"],
                   "A damaged sample in a --data dataset (an image, a bAbI story, a WAV file, a "
                   "sentence pair): fail with an error naming it, or skip it and count it in the "
                   "summary. Damage to a whole file is an error either way.")
+flags.DEFINE_bool("reuse_host_memory", True,
+                  "Keep memory the host's allocator frees for reuse, instead of returning it to "
+                  "the kernel and faulting it in again every step (glibc; see host_memory.py).")
 flags.DEFINE_integer("cpus", None,
                      "Pin the process to the first N CPUs it may use, before JAX starts (XLA's "
                      "CPU thread pools follow the mask): the CPU thread-scaling knob.")
@@ -107,6 +111,8 @@ def main(argv: list[str]) -> None:
   del argv  # parse_flags rejects positional arguments
   # JAX logs each backend it fails to find (e.g. no libtpu) at INFO; that is not news to a user.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  if FLAGS.reuse_host_memory:
+    host_memory.keep_freed_memory()
   try:
     if FLAGS.cpus is not None:
       _pin_cpus(FLAGS.cpus)

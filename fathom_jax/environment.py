@@ -7,6 +7,7 @@ import sys
 
 import jax
 
+from fathom_jax import host_memory
 from fathom_jax.errors import UsageError
 
 BACKENDS = ("cpu", "gpu", "tpu")
@@ -68,6 +69,7 @@ def describe(devices) -> dict:
       "hostname": socket.gethostname(),
       "cpu_count": os.cpu_count(),
       "cpu_affinity": affinity,
+      "host_memory_reused": host_memory.kept(),
       "jax": jax.__version__,
       "jaxlib": _version("jaxlib"),
       "flax": _version("flax"),

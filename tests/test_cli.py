@@ -36,6 +36,7 @@ def test_tiny_run_writes_valid_result(tmp_path):
   assert train["schema_version"] == 1 and train["status"] == "completed"
   assert train["config"]["batch_size"] == 8 and train["spec"]["seed"] == 7
   assert train["environment"]["backend"] == "cpu" and train["environment"]["jax"]
+  assert train["environment"]["host_memory_reused"] is sys.platform.startswith("linux")
   f = train["figures"]
   assert len(f["step_times_s"]) == 3 and len(f["losses"]) == 3
   assert f["step_time_s"]["p10"] <= f["step_time_s"]["median"] <= f["step_time_s"]["p90"]
@@ -47,13 +48,14 @@ def test_tiny_run_writes_valid_result(tmp_path):
 def test_flagfile_and_batch_size(tmp_path):
   flagfile = tmp_path / "flags.txt"
   flagfile.write_text(f"--workload=autoenc\n--preset=tiny\n--steps=2\n--batch_size=5\n"
-                      f"--output_dir={tmp_path / 'runs'}\n--quiet\n")
+                      f"--output_dir={tmp_path / 'runs'}\n--quiet\n--noreuse_host_memory\n")
   proc = run_cli(f"--flagfile={flagfile}")
   assert proc.returncode == 0, proc.stderr
   (run_dir,) = os.listdir(tmp_path / "runs")
   record = json.load(open(tmp_path / "runs" / run_dir / "result.json"))
   assert record["config"]["batch_size"] == 5
   assert "warm-up" not in proc.stdout  # --quiet keeps only the summary
+  assert record["environment"]["host_memory_reused"] is False  # from the flag file
 
 
 @pytest.mark.parametrize("args, message", [
