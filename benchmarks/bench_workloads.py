@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import math
 import os
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,8 +46,10 @@ flags.DEFINE_enum("backend", None, ["cpu", "gpu", "tpu"], "JAX backend.")
 flags.DEFINE_multi_string("override", [], "workload:field=value config override; repeatable.")
 flags.DEFINE_float("min_time_s", 2.0, "Measured time a run must fill; shorter runs are repeated "
                    "with more steps (at most --max_steps).")
-flags.DEFINE_bool("reuse_host_memory", True, "Keep freed host memory for reuse, as run.py does "
-                  "(fathom_jax/host_memory.py).")
+flags.DEFINE_enum("host_memory", "auto", ["auto", "keep", "return"],
+                  "Freed host memory, as run.py's flag: kept or returned to the kernel; auto runs "
+                  "each workload in its own process with run.py's choice for it.")
+flags.DEFINE_bool("header", True, "Print the table's header.")
 flags.DEFINE_integer("max_steps", 2000, "Upper bound on the steps of a repeated run.")
 flags.DEFINE_float("max_compile_s", 20.0, "Compile time (lower + compile) a step must stay under; "
                    "rows over it are marked and the script exits with status 1.")
@@ -94,24 +97,54 @@ def measure(spec: runner.RunSpec) -> dict:
   return record
 
 
+def _keeps_host_memory(name: str) -> bool:
+  return FLAGS.preset == "paper" and registry.get(name).large_host_buffers
+
+
+def _print_header(env: dict) -> None:
+  print(f"# {env['device_kind']} ({env['backend']}, {env['cpu_affinity']} cores), jax "
+        f"{env['jax']}, {FLAGS.dtype}, preset {FLAGS.preset}; MFU against the matmul peak "
+        f"measured before each row; compile limit {FLAGS.max_compile_s:.0f} s; host: freed "
+        f"memory kept or returned to the kernel (--host_memory={FLAGS.host_memory})")
+  header = (f"{'workload':<9} {'mode':<5} {'batch':>5} {'compile s':>10} {'step ms':>9} "
+            f"{'p10-p90 ms':>15} {'steps':>5} {'throughput':>22} {'GFLOP/step':>10} "
+            f"{'XLA GFLOP':>10} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6} {'host':>8}")
+  print(header)
+  print("-" * len(header), flush=True)
+
+
+def _one_process_per_workload(names: list[str]) -> int:
+  """Runs each workload in a child process with its own host-memory setting (it must be made
+  before JAX starts its threads); returns the worst exit status."""
+  passed = [a for a in sys.argv[1:] if not a.startswith(("--workloads", "--host_memory",
+                                                         "--header", "--noheader"))]
+  status = 0
+  for name in names:
+    setting = "keep" if _keeps_host_memory(name) else "return"
+    status = max(status, subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *passed, f"--workloads={name}",
+         f"--host_memory={setting}", "--noheader"]).returncode)
+  return status
+
+
 def main(argv):
   del argv
-  if FLAGS.reuse_host_memory:
+  names = registry.expand(FLAGS.workloads)
+  if FLAGS.host_memory == "auto" and len(names) > 1:
+    _print_header(environment.describe(environment.select_devices(FLAGS.backend)))
+    sys.exit(_one_process_per_workload(names))
+  keep = FLAGS.host_memory == "keep" or (FLAGS.host_memory == "auto" and
+                                         _keeps_host_memory(names[0]))
+  if keep:
     host_memory.keep_freed_memory()  # before JAX starts its threads
   devices = environment.select_devices(FLAGS.backend)
   env = environment.describe(devices)
-  print(f"# {env['device_kind']} ({env['backend']}, {env['cpu_affinity']} cores), jax "
-        f"{env['jax']}, {FLAGS.dtype}, preset {FLAGS.preset}; MFU against the matmul peak "
-        f"measured before each row; compile limit {FLAGS.max_compile_s:.0f} s; freed host memory "
-        f"{'kept' if env['host_memory_reused'] else 'returned to the kernel'}")
-  header = (f"{'workload':<9} {'mode':<5} {'batch':>5} {'compile s':>10} {'step ms':>9} "
-            f"{'p10-p90 ms':>15} {'steps':>5} {'throughput':>22} {'GFLOP/step':>10} "
-            f"{'XLA GFLOP':>10} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6}")
-  print(header)
-  print("-" * len(header))
+  if FLAGS.header:
+    _print_header(env)
+  host = "kept" if env["host_memory_reused"] else "returned"
   batches = _batch_sizes()
   slow_compiles = []
-  for name in registry.expand(FLAGS.workloads):
+  for name in names:
     for mode in FLAGS.modes.split(","):
       spec = runner.RunSpec(
           workload=name, mode=mode, preset=FLAGS.preset, overrides=_overrides(name),
@@ -133,7 +166,7 @@ def main(argv):
             f"{t['p10'] * 1e3:>7.2f}-{t['p90'] * 1e3:<7.2f} {len(f['step_times_s']):>5} "
             f"{throughput:>22} {flops / 1e9:>10.3f} {(f['flops_per_step'] or 0) / 1e9:>10.3f} "
             f"{flops / t['median'] / 1e9:>8.1f} {peak / 1e9:>6.0f} "
-            f"{flops / t['median'] / peak:>6.1%}", flush=True)
+            f"{flops / t['median'] / peak:>6.1%} {host:>8}", flush=True)
   if slow_compiles:
     print(f"# compile over {FLAGS.max_compile_s:.0f} s: {', '.join(slow_compiles)}")
     sys.exit(1)

@@ -43,9 +43,11 @@ flags.DEFINE_enum("bad_samples", "fail", ["fail", "skip"],
                   "A damaged sample in a --data dataset (an image, a bAbI story, a WAV file, a "
                   "sentence pair): fail with an error naming it, or skip it and count it in the "
                   "summary. Damage to a whole file is an error either way.")
-flags.DEFINE_bool("reuse_host_memory", True,
-                  "Keep memory the host's allocator frees for reuse, instead of returning it to "
-                  "the kernel and faulting it in again every step (glibc; see host_memory.py).")
+flags.DEFINE_enum("host_memory", "auto", ["auto", "keep", "return"],
+                  "Memory the host's allocator frees: keep it for reuse (one glibc arena), or "
+                  "return it to the kernel (glibc's default), which faults it in again every "
+                  "step; auto keeps it where a workload's paper-size steps use large buffers "
+                  "(see host_memory.py).")
 flags.DEFINE_integer("cpus", None,
                      "Pin the process to the first N CPUs it may use, before JAX starts (XLA's "
                      "CPU thread pools follow the mask): the CPU thread-scaling knob.")
@@ -67,6 +69,17 @@ def _pin_cpus(count: int) -> None:
     raise UsageError(f"--cpus must be in [1, {len(allowed)}] (the CPUs this process may use), "
                      f"got {count}")
   os.sched_setaffinity(0, allowed[:count])
+
+
+def _keep_host_memory() -> bool:
+  if FLAGS.host_memory != "auto":
+    return FLAGS.host_memory == "keep"
+  from fathom_jax.workloads import registry
+  try:
+    names = registry.expand(FLAGS.workload)
+  except UsageError:
+    return False  # reported with the other usage errors, once JAX is up
+  return FLAGS.preset == "paper" and any(registry.get(n).large_host_buffers for n in names)
 
 
 def _start_backends() -> None:
@@ -111,7 +124,7 @@ def main(argv: list[str]) -> None:
   del argv  # parse_flags rejects positional arguments
   # JAX logs each backend it fails to find (e.g. no libtpu) at INFO; that is not news to a user.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-  if FLAGS.reuse_host_memory:
+  if _keep_host_memory():
     host_memory.keep_freed_memory()
   try:
     if FLAGS.cpus is not None:

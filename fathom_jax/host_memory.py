@@ -5,7 +5,11 @@ step at batch 8) and Eigen's scratch buffers with malloc, and frees them when th
 glibc serves an allocation this large from a thread's arena by mmap and returns it to the
 kernel on free, so every step faulted in and zeroed the same memory again: 185,000 page faults
 and 0.3 CPU-seconds in the kernel per ResNet-50 step, 17% of the step. One arena that never
-hands freed memory back reuses the same pages from step to step.
+hands freed memory back reuses the same pages from step to step (ResNet-50 1.21x faster).
+
+One arena is also one lock: steps of a few milliseconds, whose threads allocate small buffers
+all the time, ran 5-15% slower with it (autoenc, deepq). So runs keep freed memory only for the
+workloads that declare large buffers (`Workload.large_host_buffers`) at the paper sizes.
 """
 
 import ctypes

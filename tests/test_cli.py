@@ -36,7 +36,7 @@ def test_tiny_run_writes_valid_result(tmp_path):
   assert train["schema_version"] == 1 and train["status"] == "completed"
   assert train["config"]["batch_size"] == 8 and train["spec"]["seed"] == 7
   assert train["environment"]["backend"] == "cpu" and train["environment"]["jax"]
-  assert train["environment"]["host_memory_reused"] is sys.platform.startswith("linux")
+  assert train["environment"]["host_memory_reused"] is False  # auto: small steps
   f = train["figures"]
   assert len(f["step_times_s"]) == 3 and len(f["losses"]) == 3
   assert f["step_time_s"]["p10"] <= f["step_time_s"]["median"] <= f["step_time_s"]["p90"]
@@ -48,14 +48,24 @@ def test_tiny_run_writes_valid_result(tmp_path):
 def test_flagfile_and_batch_size(tmp_path):
   flagfile = tmp_path / "flags.txt"
   flagfile.write_text(f"--workload=autoenc\n--preset=tiny\n--steps=2\n--batch_size=5\n"
-                      f"--output_dir={tmp_path / 'runs'}\n--quiet\n--noreuse_host_memory\n")
+                      f"--output_dir={tmp_path / 'runs'}\n--quiet\n--host_memory=keep\n")
   proc = run_cli(f"--flagfile={flagfile}")
   assert proc.returncode == 0, proc.stderr
   (run_dir,) = os.listdir(tmp_path / "runs")
   record = json.load(open(tmp_path / "runs" / run_dir / "result.json"))
   assert record["config"]["batch_size"] == 5
   assert "warm-up" not in proc.stdout  # --quiet keeps only the summary
-  assert record["environment"]["host_memory_reused"] is False  # from the flag file
+  assert record["environment"]["host_memory_reused"] is sys.platform.startswith("linux")
+
+
+def test_paper_size_image_runs_keep_freed_host_memory(tmp_path):
+  # residual declares large host buffers: at the paper size, auto keeps freed memory.
+  proc = run_cli("--workload=residual", "--mode=infer", "--batch_size=1", "--steps=1",
+                 "--warmup_steps=0", f"--output_dir={tmp_path}", "--quiet")
+  assert proc.returncode == 0, proc.stderr
+  (run_dir,) = os.listdir(tmp_path)
+  record = json.load(open(tmp_path / run_dir / "result.json"))
+  assert record["environment"]["host_memory_reused"] is sys.platform.startswith("linux")
 
 
 @pytest.mark.parametrize("args, message", [

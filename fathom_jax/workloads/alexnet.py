@@ -133,4 +133,5 @@ WORKLOAD = base.Workload(
     build=build,
     load_data=vision.load_data,
     example_unit="images",
+    large_host_buffers=True,
 )

@@ -57,6 +57,9 @@ class Workload:
   default_source(config, model) -> data source used when no path is given (synthetic otherwise);
     a source may define `observe(state)`, which the runner calls before each batch with the
     latest train state (or inference variables), e.g. for an agent acting in an environment.
+  large_host_buffers: its paper-size steps allocate and free host buffers of tens to hundreds of
+    MB every step, so a CPU run keeps freed memory for reuse (host_memory.py); for small steps
+    the one allocator arena that takes costs more than it saves.
   """
   name: str
   description: str
@@ -66,3 +69,4 @@ class Workload:
   load_data: Optional[Callable[..., tuple[Any, Any]]] = None
   default_source: Optional[Callable[[Any, Model], Any]] = None
   example_unit: str = "examples"
+  large_host_buffers: bool = False

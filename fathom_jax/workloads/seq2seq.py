@@ -482,4 +482,5 @@ WORKLOAD = base.Workload(
     build=build,
     load_data=load_data,
     example_unit="sentences",
+    large_host_buffers=True,
 )

@@ -355,4 +355,5 @@ WORKLOAD = base.Workload(
     build=build,
     load_data=load_data,
     example_unit="utterances",
+    large_host_buffers=True,
 )

@@ -92,4 +92,5 @@ WORKLOAD = base.Workload(
     build=build,
     load_data=vision.load_data,
     example_unit="images",
+    large_host_buffers=True,
 )
