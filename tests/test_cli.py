@@ -96,6 +96,8 @@ def test_paper_size_image_runs_keep_freed_host_memory(tmp_path):
     (["--workload=memnet", "--profile=maybe"], "--profile"),
     (["--workload=memnet", "--bad_samples=ignore"], "--bad_samples"),
     (["--workload=memnet", "--preset="], "unknown preset ''"),
+    (["--workload=memnet", "--host_memory=hoard"], "--host_memory"),
+    (["--workload=resnet", "--host_memory=auto"], "unknown workload 'resnet'"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
   proc = run_cli(*args, f"--output_dir={tmp_path / 'runs'}")
