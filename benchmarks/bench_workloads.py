@@ -98,7 +98,7 @@ def measure(spec: runner.RunSpec) -> dict:
 
 
 def _keeps_host_memory(name: str) -> bool:
-  return FLAGS.preset == "paper" and registry.get(name).large_host_buffers
+  return host_memory.worth_keeping([registry.get(name)], FLAGS.preset)
 
 
 def _print_header(env: dict) -> None:

@@ -79,7 +79,7 @@ def _keep_host_memory() -> bool:
     names = registry.expand(FLAGS.workload)
   except UsageError:
     return False  # reported with the other usage errors, once JAX is up
-  return FLAGS.preset == "paper" and any(registry.get(n).large_host_buffers for n in names)
+  return host_memory.worth_keeping([registry.get(n) for n in names], FLAGS.preset)
 
 
 def _start_backends() -> None:

@@ -48,3 +48,9 @@ def keep_freed_memory() -> bool:
 def kept() -> bool:
   """Whether this process keeps freed memory (`keep_freed_memory` took effect)."""
   return _kept
+
+
+def worth_keeping(workloads, preset: str) -> bool:
+  """The `auto` choice for a process that runs these workloads at this preset: keep freed
+  memory where any of them declares large buffers at the paper sizes."""
+  return preset == "paper" and any(w.large_host_buffers for w in workloads)

@@ -123,9 +123,9 @@ def materialize(x, replicated):
   XLA's CPU fusion recomputes a cheap elementwise value inside every consumer rather than write
   it out, and drops optimization barriers before fusing. In ResNet-50 that recomputed each
   block's output, relu(bn(conv) + shortcut), from the convolution outputs of up to five earlier
-  blocks in every fusion that read it (train step 3-4% slower, inference 8%). Other platforms
-  get x unchanged (a conditional there costs a host round trip), and the gradient passes
-  straight through."""
+  blocks in every fusion that read it; written once, the train step ran 1.05x and inference
+  1.11x faster (batch 8). Other platforms get x unchanged (a conditional there costs a host
+  round trip), and the gradient passes straight through."""
   return _materialize_cpu(x, replicated)
 
 
