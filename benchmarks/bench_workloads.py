@@ -97,10 +97,6 @@ def measure(spec: runner.RunSpec) -> dict:
   return record
 
 
-def _keeps_host_memory(name: str) -> bool:
-  return host_memory.worth_keeping([registry.get(name)], FLAGS.preset)
-
-
 def _print_header(env: dict) -> None:
   print(f"# {env['device_kind']} ({env['backend']}, {env['cpu_affinity']} cores), jax "
         f"{env['jax']}, {FLAGS.dtype}, preset {FLAGS.preset}; MFU against the matmul peak "
@@ -120,7 +116,8 @@ def _one_process_per_workload(names: list[str]) -> int:
                                                          "--header", "--noheader"))]
   status = 0
   for name in names:
-    setting = "keep" if _keeps_host_memory(name) else "return"
+    keep = host_memory.wanted("auto", [registry.get(name)], FLAGS.preset)
+    setting = "keep" if keep else "return"
     status = max(status, subprocess.run(
         [sys.executable, os.path.abspath(__file__), *passed, f"--workloads={name}",
          f"--host_memory={setting}", "--noheader"]).returncode)
@@ -133,9 +130,7 @@ def main(argv):
   if FLAGS.host_memory == "auto" and len(names) > 1:
     _print_header(environment.describe(environment.select_devices(FLAGS.backend)))
     sys.exit(_one_process_per_workload(names))
-  keep = FLAGS.host_memory == "keep" or (FLAGS.host_memory == "auto" and
-                                         _keeps_host_memory(names[0]))
-  if keep:
+  if host_memory.wanted(FLAGS.host_memory, [registry.get(n) for n in names], FLAGS.preset):
     host_memory.keep_freed_memory()  # before JAX starts its threads
   devices = environment.select_devices(FLAGS.backend)
   env = environment.describe(devices)

@@ -72,14 +72,12 @@ def _pin_cpus(count: int) -> None:
 
 
 def _keep_host_memory() -> bool:
-  if FLAGS.host_memory != "auto":
-    return FLAGS.host_memory == "keep"
   from fathom_jax.workloads import registry
   try:
-    names = registry.expand(FLAGS.workload)
+    workloads = [registry.get(n) for n in registry.expand(FLAGS.workload)]
   except UsageError:
-    return False  # reported with the other usage errors, once JAX is up
-  return host_memory.worth_keeping([registry.get(n) for n in names], FLAGS.preset)
+    workloads = []  # reported with the other usage errors, once JAX is up
+  return host_memory.wanted(FLAGS.host_memory, workloads, FLAGS.preset)
 
 
 def _start_backends() -> None:

@@ -50,7 +50,10 @@ def kept() -> bool:
   return _kept
 
 
-def worth_keeping(workloads, preset: str) -> bool:
-  """The `auto` choice for a process that runs these workloads at this preset: keep freed
-  memory where any of them declares large buffers at the paper sizes."""
+def wanted(setting: str, workloads, preset: str) -> bool:
+  """Whether a process that runs these workloads at this preset keeps freed memory, for the
+  --host_memory setting 'keep', 'return' or 'auto' (keep where any of them declares large
+  buffers, at the paper sizes)."""
+  if setting != "auto":
+    return setting == "keep"
   return preset == "paper" and any(w.large_host_buffers for w in workloads)
