@@ -11,7 +11,9 @@
    metadata first: an op_name inside the 'random_sampling' scope, made by a random-bits
    primitive (threefry2x32, random_bits, rng_bit_generator) or inside one of jax.random's
    samplers (jit(_uniform), jit(_bernoulli), jit(_normal), ...: dropout masks included), and an
-   op_name inside the 'optimizer' scope that the runner wraps around the update.
+   op_name inside the 'optimizer' scope that the runner wraps around the update. A convolution
+   computed by Winograd's algorithm (fathom_jax.workloads.winograd) compiles to matmuls and
+   loops; its op_names inside the 'winograd_convolution' scope file it under convolution.
 
 A fusion's time is split among the classes of its body by the cost rule (`COST_RULE`).
 """
@@ -51,6 +53,7 @@ RANDOM_SCOPE = re.compile(
     r"randint|gamma|truncated_normal|categorical|gumbel|exponential|beta|dirichlet|poisson|"
     r"permutation|shuffle|choice)\)")
 OPTIMIZER_SCOPE = re.compile(r"(^|/)optimizer(/|$)")
+CONVOLUTION_SCOPE = re.compile(r"(^|/)winograd_convolution(/|$)")
 
 # Data movement that copies elements, so it has work of its own inside a fusion.
 _COPYING = frozenset({"transpose", "copy", "slice", "dynamic-slice", "dynamic-update-slice",
@@ -132,6 +135,8 @@ def fathom_class(inst: hlo.Instruction) -> str:
     return RANDOM
   if OPTIMIZER_SCOPE.search(inst.op_name or ""):
     return OPTIMIZATION
+  if CONVOLUTION_SCOPE.search(inst.op_name or ""):
+    return CONVOLUTION
   library = library_kind(inst)
   if op == "convolution" or library == "convolution":
     return CONVOLUTION

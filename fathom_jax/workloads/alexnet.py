@@ -39,6 +39,7 @@ class Config:
   lr_batch_size: int = 128  # SGD's rate scales linearly with batch_size / lr_batch_size
   momentum: float = nonneg(0.9)
   weight_decay: float = nonneg(5e-4)
+  winograd: bool = True  # 3x3 stride-1 convolutions by Winograd's algorithm on CPU, where it pays
 
   # (window, stride, padding) of every layer that changes the spatial size.
   LAYERS = ((11, 4, 2), (3, 2, 0), (5, 1, 2), (3, 2, 0), (3, 1, 1), (3, 1, 1), (3, 1, 1),
@@ -101,8 +102,8 @@ class AlexNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool):
     c = self.config
-    conv = lambda n, k, s, p: nn.Conv(n, (k, k), (s, s), [(p, p), (p, p)], dtype=self.dtype,
-                                      kernel_init=vision.CONV_INIT)
+    conv = lambda n, k, s, p: layers.Conv(n, (k, k), (s, s), [(p, p), (p, p)], dtype=self.dtype,
+                                          kernel_init=vision.CONV_INIT, winograd=c.winograd)
     lrn = lambda x: local_response_norm(x, c.lrn_size, c.lrn_bias, c.lrn_alpha, c.lrn_beta)
     pool = lambda x: layers.max_pool(x, 3, 2)  # overlapping pooling
     c1, c2, c3, c4, c5 = c.conv_channels

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fathom_jax.workloads.winograd import conv3x3 as winograd_conv3x3
+
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 _YNN_KINDS = {"convolution": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
@@ -32,16 +34,21 @@ EIGEN_CONVOLUTIONS = ynnpack("dot", "reduce")
 EIGEN_ONLY = ynnpack()
 
 
-def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]):
+def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
+           winograd: bool = False):
   """NHWC x HWIO convolution. A 1x1 window is one matmul over the pixels: XLA lowers the kernel
   gradient of a 1x1 convolution to a convolution over the whole image of the activations
   transposed to CHWN, which ran at 20-50 GFLOP/s, and fused the batch-norm gradient into those
-  transposes (a quarter of the step); as a matmul its gradients are two more matmuls."""
+  transposes (a quarter of the step); as a matmul its gradients are two more matmuls. With
+  `winograd`, a 3x3 stride-1 window is `winograd.conv3x3` (Winograd on CPU where it pays)."""
   kh, kw, cin, cout = kernel.shape
   if (kh, kw) == (1, 1) and all(p == (0, 0) for p in padding):
     x = x[:, ::strides[0], ::strides[1], :]
     b, h, w, _ = x.shape
     return (x.reshape(-1, cin) @ kernel.reshape(cin, cout)).reshape(b, h, w, cout)
+  if winograd and (kh, kw) == (3, 3) and tuple(strides) == (1, 1):
+    return winograd_conv3x3(x, kernel, padding,
+                            lambda x, k: windowed_conv(x, k, (1, 1), padding))
   return windowed_conv(x, kernel, strides, padding)
 
 
@@ -88,6 +95,7 @@ class Conv(nn.Module):
   strides: tuple[int, int] = (1, 1)
   padding: object = "VALID"
   use_bias: bool = True
+  winograd: bool = False  # 3x3 stride-1 windows by winograd.conv3x3
   dtype: jnp.dtype = jnp.float32
   kernel_init: object = nn.initializers.lecun_normal()
   bias_init: object = nn.initializers.zeros_init()
@@ -97,7 +105,7 @@ class Conv(nn.Module):
     shape = (*self.kernel_size, x.shape[-1], self.features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32).astype(self.dtype)
     padding = ((0, 0), (0, 0)) if self.padding == "VALID" else tuple(map(tuple, self.padding))
-    y = conv2d(x.astype(self.dtype), kernel, tuple(self.strides), padding)
+    y = conv2d(x.astype(self.dtype), kernel, tuple(self.strides), padding, self.winograd)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
     return y

@@ -48,6 +48,7 @@ class Config:
   lr_batch_size: int = 256  # SGD's rate scales linearly with batch_size / lr_batch_size
   momentum: float = nonneg(0.9)
   weight_decay: float = nonneg(1e-4)
+  winograd: bool = True  # 3x3 stride-1 convolutions by Winograd's algorithm on CPU, where it pays
 
   def check(self):
     vision.check_optimizer(self.optimizer)
@@ -129,7 +130,7 @@ class ResNet(nn.Module):
   def __call__(self, images, train: bool):
     c = self.config
     conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=vision.CONV_INIT)
+                             kernel_init=vision.CONV_INIT, winograd=c.winograd)
     norm = functools.partial(layers.BatchNorm, use_running_average=not train,
                              momentum=c.bn_momentum, epsilon=c.bn_epsilon, dtype=self.dtype)
     bottleneck, stages = DEPTHS[c.depth]

@@ -37,6 +37,7 @@ class Config:
   lr_batch_size: int = 256  # SGD's rate scales linearly with batch_size / lr_batch_size
   momentum: float = nonneg(0.9)
   weight_decay: float = nonneg(5e-4)
+  winograd: bool = True  # 3x3 stride-1 convolutions by Winograd's algorithm on CPU, where it pays
 
   def check(self):
     vision.check_optimizer(self.optimizer)
@@ -67,8 +68,8 @@ class VGG(nn.Module):
     x = images.astype(self.dtype)
     for convs, factor in zip(BLOCKS[c.depth], WIDTH_FACTORS):
       for _ in range(convs):
-        x = nn.Conv(c.base_width * factor, (3, 3), padding=[(1, 1), (1, 1)], dtype=self.dtype,
-                    kernel_init=vision.CONV_INIT)(x)
+        x = layers.Conv(c.base_width * factor, (3, 3), padding=[(1, 1), (1, 1)],
+                        dtype=self.dtype, kernel_init=vision.CONV_INIT, winograd=c.winograd)(x)
         x = nn.relu(x)
       x = layers.max_pool(x, 2, 2)
     x = vision.adaptive_avg_pool(x, c.pooled_size)

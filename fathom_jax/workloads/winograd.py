@@ -1,0 +1,204 @@
+"""Winograd convolutions (Lavin & Gray 2016) for 3x3, stride-1 layers on XLA's CPU backend.
+
+F(m, 3) computes an m x m block of outputs from an (m+2) x (m+2) block of input with (m+2)^2
+multiplies per channel pair where the direct form takes 9 m^2: 2.25x fewer with F(2, 3) and 4x
+fewer with F(4, 3). The input, kernel and output transforms are sums of a few slices, which XLA
+fuses into loops, and the multiplies are (m+2)^2 matmuls over the channels, so the whole layer is
+matmuls and loops, which XLA's CPU backend runs near its peak, where its 3x3 convolutions (Eigen)
+ran at 40-50% of it. Each of the three passes (forward, input gradient, kernel gradient) is
+Winograd: the input gradient is the forward form applied to the output gradient with the kernel
+flipped, and the kernel gradient is the transposed product of the forward's tiles.
+
+Every operation runs under the `winograd_convolution` scope, so the breakdown files the layer
+under convolution, its Fathom class, and not under the matmuls and loops it compiles to. Other
+platforms get XLA's convolution: their libraries (cuDNN, the TPU compiler) choose their own
+algorithms, Winograd among them. Results equal the direct convolution's to float32 rounding (the
+transforms' coefficients reach 8 in F(4, 3), so the error is a few times the direct form's).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+SCOPE = "winograd_convolution"
+DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """F(m, 3): the matrices B^T (input), G (kernel) and A^T (output) of Lavin & Gray's eq. (8),
+  Y = A^T [(G g G^T) * (B^T d B)] A, for correlation as convolution layers compute it."""
+  output: int  # m, output rows and columns per tile
+  input_transform: tuple  # B^T, (m+2) x (m+2)
+  kernel_transform: tuple  # G, (m+2) x 3
+  output_transform: tuple  # A^T, m x (m+2)
+
+  @property
+  def size(self) -> int:  # input rows and columns per tile
+    return self.output + 2
+
+
+F2 = Tiling(2, input_transform=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+            kernel_transform=((1, 0, 0), (.5, .5, .5), (.5, -.5, .5), (0, 0, 1)),
+            output_transform=((1, 1, 1, 0), (0, 1, -1, -1)))
+# Interpolation points 0, 1, -1, 2, -2 and infinity.
+F4 = Tiling(4, input_transform=((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
+                                (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1)),
+            kernel_transform=((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+                              (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1)),
+            output_transform=((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0),
+                              (0, 1, -1, 8, -8, 1)))
+
+
+def _transpose(matrix: tuple) -> tuple:
+  return tuple(zip(*matrix))
+
+
+def _combine(matrix: tuple, parts: list) -> list:
+  """matrix @ parts, for a small constant matrix and a list of arrays: each row a sum of the
+  parts its non-zero coefficients pick, which XLA fuses into the loops that read the parts."""
+  rows = []
+  for coefficients in matrix:
+    total = None
+    for c, part in zip(coefficients, parts):
+      if c:
+        term = part if c == 1 else -part if c == -1 else c * part
+        total = term if total is None else total + term
+    rows.append(total)
+  return rows
+
+
+def _transform_2d(matrix: tuple, rows: list, column, columns: int) -> list:
+  """matrix @ D @ matrix^T, row-major, for the block D given as its rows (arrays) and
+  column(row, j), its element j: first along the rows of whole slabs, whose results XLA writes
+  once, then along the columns of each."""
+  return [v for row in _combine(matrix, rows)
+          for v in _combine(matrix, [column(row, j) for j in range(columns)])]
+
+
+def _tile_counts(size: int, padding: tuple[int, int], tiling: Tiling) -> tuple[int, int]:
+  """(output size, tiles along the axis) of a 3x3 stride-1 convolution."""
+  out = size + padding[0] + padding[1] - 2
+  return out, -(-out // tiling.output)
+
+
+def _input_tiles(x, padding, tiling: Tiling):
+  """B^T d B for every input tile d: (tile positions, n * tiles, channels), and the output
+  size and tile counts."""
+  n, h, w, c = x.shape
+  (ho, th), (wo, tw) = (_tile_counts(s, p, tiling) for s, p in zip((h, w), padding))
+  m, a = tiling.output, tiling.size
+  xp = jnp.pad(x, ((0, 0), (padding[0][0], th * m + 2 - h - padding[0][0]),
+                   (padding[1][0], tw * m + 2 - w - padding[1][0]), (0, 0)))
+  # Row offset i of every tile is the strided slice xp[:, i::m]; the same for columns.
+  rows = [xp[:, i:i + m * (th - 1) + 1:m] for i in range(a)]
+  tiles = _transform_2d(tiling.input_transform, rows,
+                        lambda row, j: row[:, :, j:j + m * (tw - 1) + 1:m], a)
+  return jnp.stack(tiles).reshape(a * a, n * th * tw, c), (n, ho, wo, th, tw)
+
+
+def _output_from_tiles(products, tiling: Tiling, dims):
+  """A^T M A for every tile of products, laid out as the (n, ho, wo, channels) output."""
+  n, ho, wo, th, tw = dims
+  m, a = tiling.output, tiling.size
+  products = products.reshape(a, a, n, th, tw, -1)
+  out = _transform_2d(tiling.output_transform, list(products), lambda row, j: row[j], a)
+  y = jnp.stack([jnp.stack(out[i * m:(i + 1) * m], axis=3) for i in range(m)], axis=2)
+  return y.reshape(n, th * m, tw * m, -1)[:, :ho, :wo]
+
+
+def _output_grad_tiles(dy, tiling: Tiling, dims):
+  """The transpose of _output_from_tiles: A g A^T for every m x m tile g of dy."""
+  n, ho, wo, th, tw = dims
+  m, a = tiling.output, tiling.size
+  dy = jnp.pad(dy, ((0, 0), (0, th * m - ho), (0, tw * m - wo), (0, 0)))
+  dy = dy.reshape(n, th, m, tw, m, -1)
+  tiles = _transform_2d(_transpose(tiling.output_transform), [dy[:, :, i] for i in range(m)],
+                        lambda row, j: row[:, :, :, j], m)
+  return jnp.stack(tiles).reshape(a * a, n * th * tw, -1)
+
+
+def _kernel_tiles(kernel, tiling: Tiling):
+  """G g G^T for the HWIO kernel: (tile positions, in, out)."""
+  a = tiling.size
+  tiles = _transform_2d(tiling.kernel_transform, list(kernel), lambda row, j: row[j], 3)
+  return jnp.stack(tiles).reshape(a * a, *kernel.shape[2:])
+
+
+def _kernel_from_tiles(grads, tiling: Tiling):
+  """The transpose of _kernel_tiles: G^T t G for (tile positions, in, out) gradients."""
+  a = tiling.size
+  grads = grads.reshape(a, a, *grads.shape[1:])
+  out = _transform_2d(_transpose(tiling.kernel_transform), list(grads), lambda row, j: row[j], a)
+  return jnp.stack(out).reshape(3, 3, *grads.shape[2:])
+
+
+def _correlate(x, kernel_tiles, padding, tiling: Tiling, kernel_in_axis: int):
+  """The convolution from the transformed kernel; its input channels are on kernel_in_axis
+  (1, or 2 for the transposed kernel of the input gradient)."""
+  tiles, dims = _input_tiles(x, padding, tiling)
+  products = jax.lax.dot_general(tiles, kernel_tiles, (((2,), (kernel_in_axis,)), ((0,), (0,))))
+  return _output_from_tiles(products, tiling, dims)
+
+
+def _forward(x, kernel, padding, tiling):
+  with jax.named_scope(SCOPE):
+    return _correlate(x, _kernel_tiles(kernel, tiling), padding, tiling, 1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def tiled_conv3x3(x, kernel, padding, tiling: Tiling):
+  """conv3x3 by Winograd's algorithm with this tiling, on any platform."""
+  return _forward(x, kernel, padding, tiling)
+
+
+def _winograd_fwd(x, kernel, padding, tiling):
+  return _forward(x, kernel, padding, tiling), (x, kernel)
+
+
+def _winograd_bwd(padding, tiling, residuals, dy):
+  x, kernel = residuals
+  with jax.named_scope(SCOPE):
+    # Input gradient: dy correlated with the kernel flipped in space, in and out exchanged (the
+    # exchange is the matmul's contraction axis, so the kernel is never transposed).
+    flipped = _kernel_tiles(kernel[::-1, ::-1], tiling)
+    dx = _correlate(dy, flipped, tuple((2 - lo, 2 - hi) for lo, hi in padding), tiling, 2)
+    # Kernel gradient: sum over tiles of (B^T d B)^T (A g A^T), then back through G.
+    tiles, dims = _input_tiles(x, padding, tiling)
+    products = jax.lax.dot_general(tiles, _output_grad_tiles(dy, tiling, dims),
+                                   (((1,), (1,)), ((0,), (0,))))
+    return dx, _kernel_from_tiles(products, tiling)
+
+
+tiled_conv3x3.defvjp(_winograd_fwd, _winograd_bwd)
+
+
+def choose_tiling(height: int, width: int, in_channels: int, out_channels: int) -> Tiling | None:
+  """The tiling for a layer with this output size, or None for the direct convolution; the
+  rule that ran fastest over the 3x3 layers of VGG-19, ResNet-50 and AlexNet (benchmarks/
+  NOTES.md). With fewer than 64 x 64 channel pairs the tile matmuls are too thin to pay for the
+  transforms (VGG's first layer has 3 input channels); F(4, 3) pads the output to multiples of 4
+  and transforms the kernel into 36 tiles, which cost more than they save below 28 x 28."""
+  if in_channels * out_channels < 64 * 64:
+    return None
+  return F4 if min(height, width) >= 28 else F2
+
+
+def conv3x3(x, kernel, padding: tuple[tuple[int, int], tuple[int, int]], direct=None):
+  """NHWC x HWIO 3x3 stride-1 convolution with (low, high) padding (each 0-2) per spatial axis:
+  in float32 on CPU by Winograd's algorithm with choose_tiling's tiling, otherwise by
+  direct(x, kernel) (default: XLA's convolution)."""
+  if kernel.shape[:2] != (3, 3) or any(not 0 <= p <= 2 for pair in padding for p in pair):
+    raise ValueError(f"conv3x3 takes a 3x3 kernel and padding 0-2, got {kernel.shape[:2]} "
+                     f"and {padding}")
+  direct = direct or (lambda x, k: jax.lax.conv_general_dilated(
+      x, k, (1, 1), padding, dimension_numbers=DIMENSIONS))
+  out = [s + lo + hi - 2 for s, (lo, hi) in zip(x.shape[1:3], padding)]
+  tiling = choose_tiling(*out, *kernel.shape[2:])
+  # In bfloat16 the transforms' sums would lose what the direct form keeps.
+  if tiling is None or jnp.result_type(x, kernel) != jnp.float32:
+    return direct(x, kernel)
+  return jax.lax.platform_dependent(
+      x, kernel, cpu=lambda x, k: tiled_conv3x3(x, k, padding, tiling), default=direct)
