@@ -70,12 +70,12 @@ def _combine(matrix: tuple, parts: list) -> list:
   return rows
 
 
-def _transform_2d(matrix: tuple, rows: list, column, columns: int) -> list:
-  """matrix @ D @ matrix^T, row-major, for the block D given as its rows (arrays) and
-  column(row, j), its element j: first along the rows of whole slabs, whose results XLA writes
-  once, then along the columns of each."""
-  return [v for row in _combine(matrix, rows)
-          for v in _combine(matrix, [column(row, j) for j in range(columns)])]
+def _apply(matrix: tuple, parts: list):
+  """matrix @ parts, stacked on a new leading axis. A 2-D transform is two of these, one per
+  axis of the tile; the second stacks its axis in front of the first's, so tile positions are
+  ordered (column, row) throughout. Arrays are flattened to three or fewer axes first: XLA's CPU
+  backend took up to 10x longer to compile the same loop over five or six."""
+  return jnp.stack(_combine(matrix, parts))
 
 
 def _tile_counts(size: int, padding: tuple[int, int], tiling: Tiling) -> tuple[int, int]:
@@ -90,22 +90,24 @@ def _input_tiles(x, padding, tiling: Tiling):
   n, h, w, c = x.shape
   (ho, th), (wo, tw) = (_tile_counts(s, p, tiling) for s, p in zip((h, w), padding))
   m, a = tiling.output, tiling.size
-  xp = jnp.pad(x, ((0, 0), (padding[0][0], th * m + 2 - h - padding[0][0]),
-                   (padding[1][0], tw * m + 2 - w - padding[1][0]), (0, 0)))
-  # Row offset i of every tile is the strided slice xp[:, i::m]; the same for columns.
-  rows = [xp[:, i:i + m * (th - 1) + 1:m] for i in range(a)]
-  tiles = _transform_2d(tiling.input_transform, rows,
-                        lambda row, j: row[:, :, j:j + m * (tw - 1) + 1:m], a)
-  return jnp.stack(tiles).reshape(a * a, n * th * tw, c), (n, ho, wo, th, tw)
+  hp, wp = th * m + 2, tw * m + 2
+  xp = jnp.pad(x, ((0, 0), (padding[0][0], hp - h - padding[0][0]),
+                   (padding[1][0], wp - w - padding[1][0]), (0, 0))).reshape(n, hp, wp * c)
+  # Row i of every tile is the strided slice xp[:, i::m]; column j likewise, one axis further.
+  rows = _apply(tiling.input_transform, [xp[:, i:i + m * (th - 1) + 1:m] for i in range(a)])
+  rows = rows.reshape(a * n * th, wp, c)
+  tiles = _apply(tiling.input_transform, [rows[:, j:j + m * (tw - 1) + 1:m] for j in range(a)])
+  return tiles.reshape(a * a, n * th * tw, c), (n, ho, wo, th, tw)
 
 
 def _output_from_tiles(products, tiling: Tiling, dims):
   """A^T M A for every tile of products, laid out as the (n, ho, wo, channels) output."""
   n, ho, wo, th, tw = dims
   m, a = tiling.output, tiling.size
-  products = products.reshape(a, a, n, th, tw, -1)
-  out = _transform_2d(tiling.output_transform, list(products), lambda row, j: row[j], a)
-  y = jnp.stack([jnp.stack(out[i * m:(i + 1) * m], axis=3) for i in range(m)], axis=2)
+  products = products.reshape(a, a, -1)
+  columns = _apply(tiling.output_transform, list(products))  # (m, a, n * th * tw * c)
+  y = _apply(tiling.output_transform, [columns[:, i] for i in range(a)])  # (m, m, ...)
+  y = y.reshape(m, m, n, th, tw, -1).transpose(2, 3, 0, 4, 1, 5)
   return y.reshape(n, th * m, tw * m, -1)[:, :ho, :wo]
 
 
@@ -113,26 +115,30 @@ def _output_grad_tiles(dy, tiling: Tiling, dims):
   """The transpose of _output_from_tiles: A g A^T for every m x m tile g of dy."""
   n, ho, wo, th, tw = dims
   m, a = tiling.output, tiling.size
+  c = dy.shape[-1]
   dy = jnp.pad(dy, ((0, 0), (0, th * m - ho), (0, tw * m - wo), (0, 0)))
-  dy = dy.reshape(n, th, m, tw, m, -1)
-  tiles = _transform_2d(_transpose(tiling.output_transform), [dy[:, :, i] for i in range(m)],
-                        lambda row, j: row[:, :, :, j], m)
-  return jnp.stack(tiles).reshape(a * a, n * th * tw, -1)
+  dy = dy.reshape(n * th, m, tw * m * c)
+  a_matrix = _transpose(tiling.output_transform)
+  rows = _apply(a_matrix, [dy[:, i] for i in range(m)]).reshape(a * n * th * tw, m, c)
+  tiles = _apply(a_matrix, [rows[:, j] for j in range(m)])
+  return tiles.reshape(a * a, n * th * tw, c)
 
 
 def _kernel_tiles(kernel, tiling: Tiling):
   """G g G^T for the HWIO kernel: (tile positions, in, out)."""
   a = tiling.size
-  tiles = _transform_2d(tiling.kernel_transform, list(kernel), lambda row, j: row[j], 3)
-  return jnp.stack(tiles).reshape(a * a, *kernel.shape[2:])
+  rows = _apply(tiling.kernel_transform, list(kernel.reshape(3, 3, -1)))  # (a, 3, in * out)
+  tiles = _apply(tiling.kernel_transform, [rows[:, j] for j in range(3)])
+  return tiles.reshape(a * a, *kernel.shape[2:])
 
 
 def _kernel_from_tiles(grads, tiling: Tiling):
   """The transpose of _kernel_tiles: G^T t G for (tile positions, in, out) gradients."""
   a = tiling.size
-  grads = grads.reshape(a, a, *grads.shape[1:])
-  out = _transform_2d(_transpose(tiling.kernel_transform), list(grads), lambda row, j: row[j], a)
-  return jnp.stack(out).reshape(3, 3, *grads.shape[2:])
+  g_matrix = _transpose(tiling.kernel_transform)
+  columns = _apply(g_matrix, list(grads.reshape(a, a, -1)))  # (3, a, in * out)
+  kernel = _apply(g_matrix, [columns[:, i] for i in range(a)])  # (3 rows, 3 columns, ...)
+  return kernel.reshape(3, 3, *grads.shape[1:])
 
 
 def _correlate(x, kernel_tiles, padding, tiling: Tiling, kernel_in_axis: int):
