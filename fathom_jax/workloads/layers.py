@@ -13,9 +13,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fathom_jax.workloads.winograd import DIMENSIONS  # NHWC x HWIO -> NHWC
 from fathom_jax.workloads.winograd import conv3x3 as winograd_conv3x3
 
-DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 _YNN_KINDS = {"convolution": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
               "dot": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT", "reduce": "LIBRARY_FUSION_TYPE_REDUCE"}

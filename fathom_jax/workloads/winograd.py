@@ -78,9 +78,14 @@ def _apply(matrix: tuple, parts: list):
   return jnp.stack(_combine(matrix, parts))
 
 
+def _output_size(size: int, padding: tuple[int, int]) -> int:
+  """Output size along one axis of a 3x3 stride-1 convolution."""
+  return size + padding[0] + padding[1] - 2
+
+
 def _tile_counts(size: int, padding: tuple[int, int], tiling: Tiling) -> tuple[int, int]:
-  """(output size, tiles along the axis) of a 3x3 stride-1 convolution."""
-  out = size + padding[0] + padding[1] - 2
+  """(output size, tiles along the axis)."""
+  out = _output_size(size, padding)
   return out, -(-out // tiling.output)
 
 
@@ -171,7 +176,9 @@ def _winograd_bwd(padding, tiling, residuals, dy):
     # exchange is the matmul's contraction axis, so the kernel is never transposed).
     flipped = _kernel_tiles(kernel[::-1, ::-1], tiling)
     dx = _correlate(dy, flipped, tuple((2 - lo, 2 - hi) for lo, hi in padding), tiling, 2)
-    # Kernel gradient: sum over tiles of (B^T d B)^T (A g A^T), then back through G.
+    # Kernel gradient: sum over tiles of (B^T d B)^T (A g A^T), then back through G. The input
+    # tiles are recomputed rather than kept from the forward pass, where they would hold 2.25x
+    # the input's memory per layer (F(4, 3)) until the backward pass reached it.
     tiles, dims = _input_tiles(x, padding, tiling)
     products = jax.lax.dot_general(tiles, _output_grad_tiles(dy, tiling, dims),
                                    (((1,), (1,)), ((0,), (0,))))
@@ -201,7 +208,7 @@ def conv3x3(x, kernel, padding: tuple[tuple[int, int], tuple[int, int]], direct=
                      f"and {padding}")
   direct = direct or (lambda x, k: jax.lax.conv_general_dilated(
       x, k, (1, 1), padding, dimension_numbers=DIMENSIONS))
-  out = [s + lo + hi - 2 for s, (lo, hi) in zip(x.shape[1:3], padding)]
+  out = [_output_size(s, p) for s, p in zip(x.shape[1:3], padding)]
   tiling = choose_tiling(*out, *kernel.shape[2:])
   # In bfloat16 the transforms' sums would lose what the direct form keeps.
   if tiling is None or jnp.result_type(x, kernel) != jnp.float32:
