@@ -73,6 +73,20 @@ def test_max_pool_matches_flax(window, stride, padding):
   ours = lambda x: layers.max_pool(x, window, stride, padding)
   theirs = lambda x: nn.max_pool(x, (window, window), (stride, stride), pads)
   _close(_grads(ours, x), _grads(theirs, x), 1e-6)
+  # With a run-time scalar the window offset of each maximum is written out first: same values.
+  written = lambda x: layers.max_pool(x, window, stride, padding, replicated=jnp.float32(1))
+  _close(_grads(jax.jit(written), x), _grads(theirs, x), 1e-6)
+
+
+def test_max_pool_gradient_writes_the_maximum_offsets_out_given_a_replicated_scalar():
+  x = jax.ShapeDtypeStruct((2, 16, 16, 8), jnp.float32)
+  def gradient_text(*replicated):
+    pool = lambda x, *r: (layers.max_pool(x, 3, 2, 1, *r) ** 2).sum()
+    args = (x, *(jax.ShapeDtypeStruct((), jnp.float32) for _ in replicated))
+    return jax.jit(jax.grad(pool)).lower(*args).compile().as_text()
+  assert "conditional(" not in gradient_text()
+  assert "conditional(" in gradient_text(1.0)
+  assert "s8[2,8,8,8]" in gradient_text(1.0)  # one small integer per output, written once
 
 
 @pytest.mark.parametrize("size", [8, 9])

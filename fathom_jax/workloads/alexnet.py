@@ -105,14 +105,17 @@ class AlexNet(nn.Module):
     conv = lambda n, k, s, p: layers.Conv(n, (k, k), (s, s), [(p, p), (p, p)], dtype=self.dtype,
                                           kernel_init=vision.CONV_INIT, winograd=c.winograd)
     lrn = lambda x: local_response_norm(x, c.lrn_size, c.lrn_bias, c.lrn_alpha, c.lrn_beta)
-    pool = lambda x: layers.max_pool(x, 3, 2)  # overlapping pooling
+
+    def pool(x, after):  # overlapping pooling; `after` is the convolution before it
+      return layers.max_pool(x, 3, 2, replicated=layers.param_element(after, "kernel"))
+
     c1, c2, c3, c4, c5 = c.conv_channels
     x = images.astype(self.dtype)
-    x = pool(lrn(nn.relu(conv(c1, 11, 4, 2)(x))))
-    x = pool(lrn(nn.relu(conv(c2, 5, 1, 2)(x))))
+    x = pool(lrn(nn.relu((conv1 := conv(c1, 11, 4, 2))(x))), conv1)
+    x = pool(lrn(nn.relu((conv2 := conv(c2, 5, 1, 2))(x))), conv2)
     x = nn.relu(conv(c3, 3, 1, 1)(x))
     x = nn.relu(conv(c4, 3, 1, 1)(x))
-    x = pool(nn.relu(conv(c5, 3, 1, 1)(x)))
+    x = pool(nn.relu((conv5 := conv(c5, 3, 1, 1))(x)), conv5)
     x = vision.adaptive_avg_pool(x, c.pooled_size)
     x = x.reshape(x.shape[0], -1)
     for _ in range(2):

@@ -105,9 +105,8 @@ class Bottleneck(nn.Module):
 
 
 def relu(x, bn):
-  """nn.relu(x), written to memory once on CPU (`layers.materialize`, which reads an element of
-  the batch norm `bn`'s scale as its replicated scalar)."""
-  return layers.materialize(nn.relu(x), bn.variables["params"]["scale"][0])
+  """nn.relu(x), written to memory once on CPU (`layers.materialize`)."""
+  return layers.materialize(nn.relu(x), layers.param_element(bn, "scale"))
 
 
 def bn_relu(norm, x):
@@ -135,8 +134,9 @@ class ResNet(nn.Module):
                              momentum=c.bn_momentum, epsilon=c.bn_epsilon, dtype=self.dtype)
     bottleneck, stages = DEPTHS[c.depth]
     x = images.astype(self.dtype)
-    x = bn_relu(norm, conv(c.base_width, (7, 7), (2, 2), [(3, 3), (3, 3)])(x))
-    x = layers.max_pool(x, 3, 2, 1)
+    stem_bn = norm()
+    x = relu(stem_bn(conv(c.base_width, (7, 7), (2, 2), [(3, 3), (3, 3)])(x)), stem_bn)
+    x = layers.max_pool(x, 3, 2, 1, replicated=layers.param_element(stem_bn, "scale"))
     for i, blocks in enumerate(stages):
       for j in range(blocks):
         stride = 2 if i > 0 and j == 0 else 1

@@ -68,10 +68,10 @@ class VGG(nn.Module):
     x = images.astype(self.dtype)
     for convs, factor in zip(BLOCKS[c.depth], WIDTH_FACTORS):
       for _ in range(convs):
-        x = layers.Conv(c.base_width * factor, (3, 3), padding=[(1, 1), (1, 1)],
-                        dtype=self.dtype, kernel_init=vision.CONV_INIT, winograd=c.winograd)(x)
-        x = nn.relu(x)
-      x = layers.max_pool(x, 2, 2)
+        conv = layers.Conv(c.base_width * factor, (3, 3), padding=[(1, 1), (1, 1)],
+                           dtype=self.dtype, kernel_init=vision.CONV_INIT, winograd=c.winograd)
+        x = nn.relu(conv(x))
+      x = layers.max_pool(x, 2, 2, replicated=layers.param_element(conv, "kernel"))
     x = vision.adaptive_avg_pool(x, c.pooled_size)
     x = x.reshape(x.shape[0], -1)
     for _ in range(2):
