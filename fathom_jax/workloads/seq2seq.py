@@ -45,7 +45,7 @@ import optax
 from fathom_jax import config as config_lib
 from fathom_jax import data as data_lib
 from fathom_jax.errors import DataError, UsageError
-from fathom_jax.workloads import base, layers
+from fathom_jax.workloads import base, layers, softmax
 
 BUCKETS = ((5, 10), (10, 15), (20, 25), (40, 50))
 PAD, GO, EOS, UNK = 0, 1, 2, 3
@@ -237,7 +237,7 @@ def greedy_decode(step, carry, batch_size: int, max_len: int):
   def body(state):
     t, carry, previous, finished, tokens = state
     carry, logits = step(carry, previous)
-    token = jnp.where(finished, PAD, jnp.argmax(logits, -1).astype(jnp.int32))
+    token = jnp.where(finished, PAD, softmax.argmax(logits))
     tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, t))
     return t + 1, carry, token, finished | (token == EOS), tokens
 
@@ -298,7 +298,7 @@ class Seq2Seq(nn.Module):
     if c.sampled_softmax:
       return {"sampled_logits": sampled_logits(cast["output"], hidden, target_output, rng,
                                                c.num_samples)}
-    return {"logits": hidden @ cast["output"]["kernel"] + cast["output"]["bias"]}
+    return {"logits": softmax.logits(hidden, cast["output"]["kernel"], cast["output"]["bias"])}
 
 
 def sequence_loss(outputs, batch):
@@ -310,11 +310,11 @@ def sequence_loss(outputs, batch):
   else:  # sampled softmax: the target is class 0
     logits = outputs["sampled_logits"].astype(jnp.float32)
     labels = jnp.zeros(logits.shape[:-1], jnp.int32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  ce = softmax.cross_entropy(logits, labels)
   loss = (ce * mask).sum() / tokens
   metrics = {"tokens": mask.sum()}
   if "logits" in outputs:
-    metrics["accuracy"] = ((logits.argmax(-1) == labels) * mask).sum() / tokens
+    metrics["accuracy"] = ((softmax.argmax(logits) == labels) * mask).sum() / tokens
   return loss, metrics
 
 
