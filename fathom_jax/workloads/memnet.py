@@ -20,7 +20,7 @@ import optax
 from fathom_jax import config as config_lib
 from fathom_jax import data as data_lib
 from fathom_jax.errors import DataError
-from fathom_jax.workloads import base, layers
+from fathom_jax.workloads import base, layers, softmax
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,9 +81,8 @@ class MemN2N(nn.Module):
 
 
 def cross_entropy(logits, batch):
-  loss = optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch["answer"]).mean()
-  accuracy = (logits.argmax(-1) == batch["answer"]).mean()
+  loss = softmax.cross_entropy(logits.astype(jnp.float32), batch["answer"]).mean()
+  accuracy = (softmax.argmax(logits) == batch["answer"]).mean()
   return loss, {"accuracy": accuracy}
 
 

@@ -16,7 +16,7 @@ import optax
 from fathom_jax import config as config_lib
 from fathom_jax import images as images_lib
 from fathom_jax.errors import UsageError
-from fathom_jax.workloads import base
+from fathom_jax.workloads import base, softmax
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -37,8 +37,8 @@ def synthetic_batch(image_size: int, num_classes: int, rng, batch_size: int):
 
 def cross_entropy(logits, batch):
   logits = logits.astype(jnp.float32)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"]).mean()
-  accuracy = (logits.argmax(-1) == batch["labels"]).mean()
+  loss = softmax.cross_entropy(logits, batch["labels"]).mean()
+  accuracy = (softmax.argmax(logits) == batch["labels"]).mean()
   return loss, {"accuracy": accuracy}
 
 
