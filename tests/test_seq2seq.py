@@ -338,3 +338,30 @@ def test_unicode_line_separators_do_not_split_sentences(tmp_path):
   write_corpus(tmp_path, "a\u2028b\nc\n", "x\ny\n")
   source, _ = seq2seq.load_data(checks.build("seq2seq")[0], str(tmp_path))
   assert source.num_examples == 2
+
+
+def test_lstm_layer_gradient_matches_autodiff_of_its_scan():
+  """The written-out backward pass (dR as one matmul after the loop) against jax.grad of the
+  same scan, with steps that are not valid (left padding) holding the state."""
+  S, B, H = 7, 3, 5
+  k = jax.random.split(jax.random.key(0), 5)
+  projected = jax.random.normal(k[0], (S, B, 4 * H))
+  recurrent = 0.5 * jax.random.normal(k[1], (H, 4 * H))
+  valid = (jnp.arange(S)[:, None] >= jnp.array([0, 2, 5]))[..., None]
+  probes = [jax.random.normal(key, shape) for key, shape in
+            zip(k[2:], [(B, H), (B, H), (S, B, H)])]
+
+  def loss(layer):
+    def f(projected, recurrent):
+      (c, h), states = layer(projected, valid, recurrent)
+      return sum((a * p).sum() for a, p in zip((c, h, states), probes))
+    return f
+
+  want = jax.grad(loss(lambda *a: seq2seq._lstm_scan(*a)[0]), (0, 1))(projected, recurrent)
+  got = jax.jit(jax.grad(loss(seq2seq.lstm_layer), (0, 1)))(projected, recurrent)
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  assert np.abs(np.asarray(got[1])).sum() > 0
+  # The first two steps of the last sentence are padding: the state passes through them.
+  (_, _), states = seq2seq.lstm_layer(projected, valid, recurrent)
+  np.testing.assert_array_equal(states[:5, 2], 0)

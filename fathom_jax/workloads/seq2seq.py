@@ -136,6 +136,62 @@ def lstm_gates(z, c):
   return c, nn.sigmoid(o) * jnp.tanh(c).astype(z.dtype)
 
 
+def _lstm_scan(projected, valid, recurrent):
+  """One LSTM layer over time from the zero state: projected [S, B, 4H] (the input's share of
+  the gates, bias included), valid [S, B, 1], recurrent [H, 4H]. A step that is not valid leaves
+  the state as it was. Returns (final (c, h), states [S, B, H]) and, for the backward pass,
+  each step's gate pre-activations and incoming state."""
+  batch, hidden = projected.shape[1], recurrent.shape[0]
+
+  def step(carry, inputs):
+    c, h = carry
+    p, v = inputs
+    z = p + h @ recurrent
+    c_new, h_new = lstm_gates(z, c)
+    new = (jnp.where(v, c_new, c), jnp.where(v, h_new, h))
+    return new, (new[1], z, c, h)
+
+  zeros = (jnp.zeros((batch, hidden), jnp.float32), jnp.zeros((batch, hidden), projected.dtype))
+  final, (states, zs, cs, hs) = jax.lax.scan(step, zeros, (projected, valid))
+  return (final, states), (zs, cs, hs)
+
+
+# Autodiff of the scan would add each step's h^T dz into the recurrent matrix's gradient inside
+# the loop; the backward pass below keeps dz @ R^T in the loop and forms dR as one matmul over
+# all steps afterwards.
+@jax.custom_vjp
+def lstm_layer(projected, valid, recurrent):
+  """`_lstm_scan`'s (final (c, h), states [S, B, H])."""
+  return _lstm_scan(projected, valid, recurrent)[0]
+
+
+def _lstm_layer_fwd(projected, valid, recurrent):
+  outputs, saved = _lstm_scan(projected, valid, recurrent)
+  return outputs, (*saved, valid, recurrent)
+
+
+def _lstm_layer_bwd(residuals, cotangents):
+  zs, cs, hs, valid, recurrent = residuals
+  final_grads, state_grads = cotangents
+  transposed = recurrent.T  # once, not in every step
+
+  def step(carry, inputs):
+    dc, dh = carry
+    z, c, v, dh_out = inputs
+    dh = dh + dh_out
+    _, gates_vjp = jax.vjp(lstm_gates, z, c)
+    dz, dc_through = gates_vjp((jnp.where(v, dc, 0), jnp.where(v, dh, 0)))
+    # An invalid step passed its incoming state through unchanged.
+    return (dc_through + jnp.where(v, 0, dc), dz @ transposed + jnp.where(v, 0, dh)), dz
+
+  _, dzs = jax.lax.scan(step, final_grads, (zs, cs, valid, state_grads), reverse=True)
+  d_recurrent = jnp.einsum("sbh,sbk->hk", hs, dzs, preferred_element_type=jnp.float32)
+  return dzs, None, d_recurrent.astype(recurrent.dtype)
+
+
+lstm_layer.defvjp(_lstm_layer_fwd, _lstm_layer_bwd)
+
+
 def encode(w, source, num_layers: int, dtype):
   """Top-layer states [B, S, H] and each layer's final (c, h). PAD steps leave the state as it
   was, so the final state is that after the last word whatever the padding."""
@@ -147,18 +203,7 @@ def encode(w, source, num_layers: int, dtype):
     in_dim = xs.shape[-1]
     # The input projection of every step is one matmul outside the loop.
     projected = xs @ kernel[:in_dim] + w[f"encoder_{layer}"]["bias"].astype(dtype)
-    recurrent = kernel[in_dim:]
-
-    def step(carry, inputs, recurrent=recurrent):
-      c, h = carry
-      p, v = inputs
-      c_new, h_new = lstm_gates(p + h @ recurrent, c)
-      carry = (jnp.where(v, c_new, c), jnp.where(v, h_new, h))
-      return carry, carry[1]
-
-    batch, hidden = source.shape[0], recurrent.shape[0]
-    zeros = (jnp.zeros((batch, hidden), jnp.float32), jnp.zeros((batch, hidden), dtype))
-    final, xs = jax.lax.scan(step, zeros, (projected, valid))
+    final, xs = lstm_layer(projected, valid, kernel[in_dim:])
     finals.append(final)
   return jnp.swapaxes(xs, 0, 1), tuple(finals)
 
