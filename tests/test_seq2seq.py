@@ -365,3 +365,38 @@ def test_lstm_layer_gradient_matches_autodiff_of_its_scan():
   # The first two steps of the last sentence are padding: the state passes through them.
   (_, _), states = seq2seq.lstm_layer(projected, valid, recurrent)
   np.testing.assert_array_equal(states[:5, 2], 0)
+
+
+def test_teacher_forced_decoder_gradient_matches_autodiff_of_its_scan():
+  """The decoder's written-out backward pass (every weight gradient one matmul after the loop)
+  against jax.grad of the same scan: weights, encoder states, keys, initial states, gates."""
+  c = seq2seq.Config(layers=2, source_vocab=30, target_vocab=20, embed_dim=6, hidden=8,
+                     bucket=(5, 7))
+  w = seq2seq.Seq2Seq(c).init(jax.random.key(0), jnp.ones((3, 5), jnp.int32),
+                              jnp.ones((3, 7), jnp.int32), jnp.ones((3, 7), jnp.int32),
+                              train=True, rng=jax.random.key(1))["params"]
+  w = {k: v for k, v in w.items() if k == "attention" or k.startswith("decoder_")}
+  k = jax.random.split(jax.random.key(2), 8)
+  B, S, T, H = 3, 5, 7, 8
+  memory = jax.random.normal(k[0], (B, S, H))
+  keys = jax.random.normal(k[1], (B, S, H))
+  source_valid = jnp.arange(S)[None, :] >= jnp.array([[0], [2], [4]])  # left padding
+  finals = tuple((jax.random.normal(k[2 + 2 * l], (B, H)), jax.random.normal(k[3 + 2 * l], (B, H)))
+                 for l in range(2))
+  gates = jax.random.normal(k[6], (T, B, 4 * H))
+  probe = jax.random.normal(k[7], (2, T, B, H))
+
+  def loss(decode):
+    def f(w, memory, keys, finals, gates):
+      tops, contexts = decode(w, memory, keys, source_valid, finals, gates)
+      return (tops * probe[0]).sum() + (contexts * probe[1]).sum()
+    return f
+
+  args = (w, memory, keys, finals, gates)
+  want = jax.grad(loss(lambda *a: seq2seq._teacher_forced_scan(*a)[0]), range(5))(*args)
+  got = jax.jit(jax.grad(loss(seq2seq.teacher_forced_decode), range(5)))(*args)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,
+                               atol=1e-5 * max(1.0, float(np.abs(b).max())))
+  assert np.abs(np.asarray(got[0]["decoder_1"]["kernel"])).sum() > 0

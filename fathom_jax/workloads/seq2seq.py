@@ -211,7 +211,11 @@ def encode(w, source, num_layers: int, dtype):
 def attend(w, memory, keys, source_valid, query):
   """Additive attention: context [B, H] over the encoder states `memory` [B, S, H]."""
   q = query @ w["query_kernel"] + w["query_bias"]
-  scores = jnp.tanh(keys + q[:, None, :]) @ w["v"]  # [B, S]
+  return _attention(q, keys, memory, w["v"], source_valid)
+
+
+def _attention(q, keys, memory, v, source_valid):
+  scores = jnp.tanh(keys + q[:, None, :]) @ v  # [B, S]
   scores = jnp.where(source_valid, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
   weights = nn.softmax(scores, axis=-1).astype(memory.dtype)
   return jnp.einsum("bs,bsh->bh", weights, memory)
@@ -220,19 +224,113 @@ def attend(w, memory, keys, source_valid, query):
 def decoder_step(w, memory, keys, source_valid, carry, embedded_gates):
   """One decoder step. `embedded_gates` is the word embedding's share of the first layer's gate
   pre-activations (bias included); returns the new carry and (top state, context)."""
-  context = attend(w["attention"], memory, keys, source_valid, carry[-1][1])
-  new_carry, below = [], None
+  new_carry, outputs, _ = _decoder_step(w, memory, keys, source_valid, carry, embedded_gates)
+  return new_carry, outputs
+
+
+def _decoder_step(w, memory, keys, source_valid, carry, embedded_gates):
+  """decoder_step, and what its backward pass reads: the attention query q, and each layer's
+  [input, h] (its matmul's left operand) and gate pre-activations z."""
+  attention = w["attention"]
+  q = carry[-1][1] @ attention["query_kernel"] + attention["query_bias"]
+  context = _attention(q, keys, memory, attention["v"], source_valid)
+  new_carry, below, operands, zs = [], context, [], []
   for layer, (c, h) in enumerate(carry):
-    kernel = w[f"decoder_{layer}"]["kernel"]
-    if layer == 0:
-      embed_dim = kernel.shape[0] - 2 * h.shape[-1]
-      z = embedded_gates + jnp.concatenate([context, h], -1) @ kernel[embed_dim:]
+    kernel, operand = w[f"decoder_{layer}"]["kernel"], jnp.concatenate([below, h], -1)
+    if layer == 0:  # [context, h]; the embedding's rows are in embedded_gates
+      z = embedded_gates + operand @ kernel[kernel.shape[0] - operand.shape[-1]:]
     else:
-      z = jnp.concatenate([below, h], -1) @ kernel + w[f"decoder_{layer}"]["bias"]
+      z = operand @ kernel + w[f"decoder_{layer}"]["bias"]
     c, h = lstm_gates(z, c)
     new_carry.append((c, h))
+    operands.append(operand)
+    zs.append(z)
     below = h
-  return tuple(new_carry), (below, context)
+  return tuple(new_carry), (below, context), (q, tuple(operands), tuple(zs))
+
+
+def teacher_forced_decode(w, memory, keys, source_valid, finals, gates):
+  """The decoder over the whole target, fed the reference words: gates [T, B, 4H] (their
+  embeddings' share of the first layer's gates). Returns (top states, contexts), each
+  [T, B, H]."""
+  weights = {k: w[k] for k in ["attention", *(f"decoder_{l}" for l in range(len(finals)))]}
+  return _teacher_forced(weights, memory, keys, source_valid, finals, gates)
+
+
+def _teacher_forced_scan(w, memory, keys, source_valid, finals, gates):
+  def step(carry, gates_t):
+    new_carry, outputs, saved = _decoder_step(w, memory, keys, source_valid, carry, gates_t)
+    return new_carry, (outputs, saved, carry)
+
+  _, (outputs, saved, carries) = jax.lax.scan(step, finals, gates)
+  return outputs, (saved, carries)
+
+
+# Autodiff of the scan would add every step's share of each weight gradient (four matmuls'
+# [input, h]^T dz, up to [512, 1024]) into the gradients inside the loop; the backward pass below
+# keeps in the loop only what flows back through the states, and forms each weight gradient as
+# one matmul over all steps afterwards.
+@jax.custom_vjp
+def _teacher_forced(w, memory, keys, source_valid, finals, gates):
+  return _teacher_forced_scan(w, memory, keys, source_valid, finals, gates)[0]
+
+
+def _teacher_forced_fwd(w, memory, keys, source_valid, finals, gates):
+  outputs, (saved, carries) = _teacher_forced_scan(w, memory, keys, source_valid, finals, gates)
+  return outputs, (w, memory, keys, source_valid, saved, carries)
+
+
+def _teacher_forced_bwd(residuals, cotangents):
+  w, memory, keys, source_valid, (qs, operands, zs), carries = residuals
+  d_tops, d_contexts = cotangents
+  layers, hidden = len(carries), d_tops.shape[-1]
+  attention = w["attention"]
+  kernels = [w[f"decoder_{layer}"]["kernel"] for layer in range(layers)]
+  transposed = [k[k.shape[0] - 2 * hidden:].T for k in kernels]  # once, not in every step
+  attend_vjp = lambda q, k, m, v: jax.vjp(
+      lambda q, k, m, v: _attention(q, k, m, v, source_valid), q, k, m, v)[1]
+
+  def step(carry, inputs):
+    d_state, d_keys, d_memory, d_v = carry  # d_state: each layer's (dc, dh) after this step
+    q, zs_t, carry_t, d_top, d_context = inputs
+    d_state, d_zs, d_above = list(d_state), [None] * layers, d_top
+    for layer in reversed(range(layers)):
+      dc, dh = d_state[layer]
+      c, _ = carry_t[layer]
+      dz, dc = jax.vjp(lstm_gates, zs_t[layer], c)[1]((dc, dh + d_above))
+      d_operand = dz @ transposed[layer]
+      d_above, dh = d_operand[:, :hidden], d_operand[:, hidden:]  # [below, h]
+      d_state[layer], d_zs[layer] = (dc, dh), dz
+    dq, dk, dm, dv = attend_vjp(q, keys, memory, attention["v"])(d_context + d_above)
+    dc, dh = d_state[-1]
+    d_state[-1] = (dc, dh + dq @ attention["query_kernel"].T)
+    return (tuple(d_state), d_keys + dk, d_memory + dm, d_v + dv), (tuple(d_zs), dq)
+
+  start = (tuple((jnp.zeros_like(c[0]), jnp.zeros_like(h[0])) for c, h in carries),
+           jnp.zeros_like(keys), jnp.zeros_like(memory), jnp.zeros_like(attention["v"]))
+  (d_finals, d_keys, d_memory, d_v), (d_zs, d_qs) = jax.lax.scan(
+      step, start, (qs, zs, carries, d_tops, d_contexts), reverse=True)
+
+  outer = lambda a, dz: jnp.einsum("tbi,tbo->io", a, dz, preferred_element_type=jnp.float32)
+  d_w = {"attention": {
+      "key_kernel": jnp.zeros_like(attention["key_kernel"]),
+      "query_kernel": outer(carries[-1][1], d_qs).astype(attention["query_kernel"].dtype),
+      "query_bias": d_qs.sum((0, 1)).astype(attention["query_bias"].dtype),
+      "v": d_v}}
+  for layer in range(layers):
+    kernel, bias = kernels[layer], w[f"decoder_{layer}"]["bias"]
+    d_kernel = outer(operands[layer], d_zs[layer]).astype(kernel.dtype)
+    if layer == 0:  # the embedding's rows and the bias act through `gates`
+      d_kernel = jnp.concatenate([jnp.zeros_like(kernel[:kernel.shape[0] - 2 * hidden]),
+                                  d_kernel])
+      d_bias = jnp.zeros_like(bias)
+    else:
+      d_bias = d_zs[layer].sum((0, 1)).astype(bias.dtype)
+    d_w[f"decoder_{layer}"] = {"kernel": d_kernel, "bias": d_bias}
+  return d_w, d_memory, d_keys, None, d_finals, d_zs[0]
+
+
+_teacher_forced.defvjp(_teacher_forced_fwd, _teacher_forced_bwd)
 
 
 def readout(w, top, context):
@@ -338,7 +436,8 @@ class Seq2Seq(nn.Module):
                                              target_input.shape[1])
       return {"tokens": tokens, "lengths": lengths, "decoder_steps": steps}
 
-    _, (tops, contexts) = jax.lax.scan(step, finals, embed_gates(target_input.T))
+    tops, contexts = teacher_forced_decode(cast, memory, keys, source_valid, finals,
+                                           embed_gates(target_input.T))
     hidden = jnp.swapaxes(readout(cast["readout"], tops, contexts), 0, 1)  # [B, T, H]
     if c.sampled_softmax:
       return {"sampled_logits": sampled_logits(cast["output"], hidden, target_output, rng,
