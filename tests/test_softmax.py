@@ -1,5 +1,7 @@
 """The softmax classifier's ops compute what jnp.argmax, optax and autodiff compute."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,3 +57,24 @@ def test_logits_and_their_gradients_match_autodiff():
                        jax.grad(reference, argnums=(0, 1, 2))(x, kernel, bias)):
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _optimized_hlo(f, *args):
+  return jax.jit(f).lower(*args).compile().as_text()
+
+
+def test_argmax_compiles_without_a_value_index_reduction():
+  """jnp.argmax is one reduction over (value, index) pairs, which XLA's CPU backend runs an
+  element at a time; ours is two plain reductions."""
+  x = jnp.zeros((4, 50, 300))
+  variadic = re.compile(r"= \([^)]*\) reduce\(")
+  assert variadic.search(_optimized_hlo(lambda v: jnp.argmax(v, -1), x))
+  assert not variadic.search(_optimized_hlo(softmax.argmax, x))
+
+
+def test_cross_entropy_gradient_compiles_without_a_scatter():
+  logits, labels = jnp.zeros((4, 50, 300)), jnp.zeros((4, 50), jnp.int32)
+  grad = lambda ce: jax.grad(lambda z: ce(z, labels).sum())
+  assert " scatter(" in _optimized_hlo(
+      grad(optax.softmax_cross_entropy_with_integer_labels), logits)
+  assert " scatter(" not in _optimized_hlo(grad(softmax.cross_entropy), logits)
