@@ -107,7 +107,10 @@ class AlexNet(nn.Module):
     lrn = lambda x: local_response_norm(x, c.lrn_size, c.lrn_bias, c.lrn_alpha, c.lrn_beta)
 
     def pool(x, after):  # overlapping pooling; `after` is the convolution before it
-      return layers.max_pool(x, 3, 2, replicated=layers.param_element(after, "kernel"))
+      replicated = layers.param_element(after, "kernel")
+      # Written out first: fused into the pool's nine window taps, the LRN before it was
+      # computed again for each tap that read it.
+      return layers.max_pool(layers.materialize(x, replicated), 3, 2, replicated=replicated)
 
     c1, c2, c3, c4, c5 = c.conv_channels
     x = images.astype(self.dtype)
