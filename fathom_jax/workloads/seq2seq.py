@@ -208,13 +208,9 @@ def encode(w, source, num_layers: int, dtype):
   return jnp.swapaxes(xs, 0, 1), tuple(finals)
 
 
-def attend(w, memory, keys, source_valid, query):
-  """Additive attention: context [B, H] over the encoder states `memory` [B, S, H]."""
-  q = query @ w["query_kernel"] + w["query_bias"]
-  return _attention(q, keys, memory, w["v"], source_valid)
-
-
 def _attention(q, keys, memory, v, source_valid):
+  """Additive attention: context [B, H] over the encoder states `memory` [B, S, H], for the
+  projected query q [B, H] (W_q query + b) and keys [B, S, H] (W_k memory)."""
   scores = jnp.tanh(keys + q[:, None, :]) @ v  # [B, S]
   scores = jnp.where(source_valid, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
   weights = nn.softmax(scores, axis=-1).astype(memory.dtype)
