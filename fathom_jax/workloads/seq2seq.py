@@ -33,6 +33,7 @@ are dropped and counted in the run's data summary.
 
 import collections
 import dataclasses
+import functools
 import os
 import re
 
@@ -283,8 +284,8 @@ def _teacher_forced_bwd(residuals, cotangents):
   attention = w["attention"]
   kernels = [w[f"decoder_{layer}"]["kernel"] for layer in range(layers)]
   transposed = [k[k.shape[0] - 2 * hidden:].T for k in kernels]  # once, not in every step
-  attend_vjp = lambda q, k, m, v: jax.vjp(
-      lambda q, k, m, v: _attention(q, k, m, v, source_valid), q, k, m, v)[1]
+  attention_vjp = lambda *args: jax.vjp(functools.partial(_attention, source_valid=source_valid),
+                                        *args)[1]
 
   def step(carry, inputs):
     d_state, d_keys, d_memory, d_v = carry  # d_state: each layer's (dc, dh) after this step
@@ -297,7 +298,7 @@ def _teacher_forced_bwd(residuals, cotangents):
       d_operand = dz @ transposed[layer]
       d_above, dh = d_operand[:, :hidden], d_operand[:, hidden:]  # [below, h]
       d_state[layer], d_zs[layer] = (dc, dh), dz
-    dq, dk, dm, dv = attend_vjp(q, keys, memory, attention["v"])(d_context + d_above)
+    dq, dk, dm, dv = attention_vjp(q, keys, memory, attention["v"])(d_context + d_above)
     dc, dh = d_state[-1]
     d_state[-1] = (dc, dh + dq @ attention["query_kernel"].T)
     return (tuple(d_state), d_keys + dk, d_memory + dm, d_v + dv), (tuple(d_zs), dq)

@@ -50,11 +50,6 @@ def _logits_bwd(residuals, g):
 logits.defvjp(_logits_fwd, _logits_bwd)
 
 
-def _shifted(logits):
-  # The maximum is a constant shift of the log-normaliser: no gradient flows through it.
-  return logits - jax.lax.stop_gradient(jnp.max(logits, -1, keepdims=True))
-
-
 @jax.custom_vjp
 def cross_entropy(logits, labels):
   """-log softmax(logits)[label] over the last axis, for integer `labels` of logits' leading
@@ -64,7 +59,8 @@ def cross_entropy(logits, labels):
 
 
 def _cross_entropy_fwd(logits, labels):
-  shifted = _shifted(logits)
+  # The maximum is a constant shift of the log-normaliser: no gradient flows through it.
+  shifted = logits - jax.lax.stop_gradient(jnp.max(logits, -1, keepdims=True))
   log_normaliser = jnp.log(jnp.sum(jnp.exp(shifted), -1))
   label_logit = jnp.take_along_axis(shifted, labels[..., None], -1)[..., 0]
   return log_normaliser - label_logit, (shifted, log_normaliser, labels)
