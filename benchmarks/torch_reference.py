@@ -538,16 +538,19 @@ def _time_steps(step, steps: int, warmup: int, min_time_s: float) -> list:
   return times
 
 
-def image_step(name: str, mode: str, layout: str):
+def image_step(name: str, mode: str, layout: str, compiled: bool = False):
   build, batch, weight_decay = MODELS[name]
   model = build()
   fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
   model = model.to(memory_format=fmt)
+  params = list(model.parameters())
+  if compiled:  # TorchInductor: the forward (and, in training, the backward) compiled to C++
+    model = torch.compile(model)
   images = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt)
   labels = torch.randint(0, 1000, (batch,))
   if mode == "train":
     model.train()
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=weight_decay)
+    opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=weight_decay)
 
     def step():
       opt.zero_grad(set_to_none=True)
@@ -560,13 +563,13 @@ def image_step(name: str, mode: str, layout: str):
     def step():
       with torch.inference_mode():
         model(images)
-  return list(model.parameters()), batch, step, None
+  return params, batch, step, None
 
 
 def bench(name: str, mode: str, layout: str, args) -> dict:
   torch.manual_seed(0)
   if name in MODELS:
-    params, batch, step, note = image_step(name, mode, layout)
+    params, batch, step, note = image_step(name, mode, layout, args.compile)
   else:
     build, batch = SEQUENCE_MODELS[name]
     params, step, note = build(mode, batch, args.loops)
@@ -585,6 +588,8 @@ def main():
                       help="the image models' layouts; the sequence models run once")
   parser.add_argument("--loops", choices=("eager", "scripted"), default=LOOPS,
                       help="speech's recurrence and seq2seq's decoder: torch.jit.script or Python")
+  parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                      help="the image models by torch.compile (TorchInductor) instead of eagerly")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--warmup_steps", type=int, default=2)
   parser.add_argument("--min_time_s", type=float, default=2.0)
@@ -597,8 +602,8 @@ def main():
     from fathom_jax import host_memory  # no JAX import: ctypes only
     kept = host_memory.keep_freed_memory()
   torch.set_num_threads(len(os.sched_getaffinity(0)))
-  print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float32, eager "
-        f"(sequence models' loops {args.loops}); "
+  print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float32, image models "
+        f"{'torch.compile' if args.compile else 'eager'} (sequence models' loops {args.loops}); "
         f"mm peak measured before each row; freed host memory "
         f"{'kept' if kept else 'returned to the kernel'}")
   print(f"{'workload':<9} {'mode':<5} {'layout':<13} {'batch':>5} {'params':>12} "
