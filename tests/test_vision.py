@@ -9,7 +9,7 @@ import pytest
 
 from fathom_jax import runner
 from fathom_jax.errors import UsageError
-from fathom_jax.workloads import alexnet, residual, vgg, vision
+from fathom_jax.workloads import alexnet, layers, residual, vgg, vision
 from tests import workload_checks as checks
 
 
@@ -178,6 +178,38 @@ def test_local_response_norm_formula():
   for c in range(7):
     window = (x[..., max(0, c - 2):c + 3] ** 2).sum(-1)
     np.testing.assert_allclose(out[..., c], x[..., c] / (2.0 + 1e-4 * window) ** 0.75, rtol=1e-5)
+
+
+def _plain_lrn(x):
+  # The formula as written, differentiated by autodiff.
+  window = sum(jnp.pad(x * x, ((0, 0),) * 3 + ((2, 2),))[..., i:i + x.shape[-1]] for i in range(5))
+  return x / (2.0 + 1e-4 * window) ** 0.75
+
+
+def test_local_response_norm_gradient_matches_autodiff():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 3, 9)) * 30  # large enough that t moves
+  cotangent = jax.random.normal(jax.random.key(1), x.shape)
+  expected = jax.vjp(_plain_lrn, x)[1](cotangent)[0]
+  ours = lambda x, *r: alexnet.local_response_norm(x, 5, 2.0, 1e-4, 0.75, *r)
+  np.testing.assert_allclose(jax.vjp(ours, x)[1](cotangent)[0], expected, rtol=1e-5, atol=1e-6)
+  # With a run-time scalar (a jit argument, so XLA keeps the conditional): the same gradient.
+  written = jax.jit(lambda x, r: jax.vjp(lambda x: ours(x, r), x)[1](cotangent)[0])
+  np.testing.assert_allclose(written(x, jnp.float32(1)), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_local_response_norm_writes_a_pool_gradient_out_once():
+  # A max pool's gradient is a sum of nine strided shares, which the LRN's backward pass reads
+  # twice. Without the replicated scalar XLA wrote every share out for the two readers.
+  x = jax.ShapeDtypeStruct((2, 15, 15, 8), jnp.float32)
+  def full_size_fusions(*lrn_scalar):
+    def loss(x, pool_scalar, *lrn_scalar):
+      y = alexnet.local_response_norm(x, 5, 2.0, 1e-4, 0.75, *lrn_scalar)
+      return (layers.max_pool(y, 3, 2, replicated=pool_scalar) ** 2).sum()
+    text = jax.jit(jax.grad(loss)).trace(x, jnp.float32(1), *lrn_scalar).lower().compile().as_text()
+    entry = text[text.index("ENTRY"):]
+    return len(re.findall(r"= f32\[2,15,15,8\]\{[0-9,]*\} fusion\(", entry))
+  assert full_size_fusions() >= 9
+  assert full_size_fusions(jnp.float32(1)) < 9
 
 
 def test_alexnet_trains_deterministically():
