@@ -110,6 +110,7 @@ def _lrn_bwd(size, bias, alpha, beta, residuals, g):
 
 _local_response_norm.defvjp(_lrn_fwd, _lrn_bwd)
 
+
 class AlexNet(nn.Module):
   config: Config
   dtype: jnp.dtype = jnp.float32
