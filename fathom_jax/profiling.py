@@ -60,7 +60,7 @@ def save_programs(run_dir: str, lowered, compiled) -> dict[str, str]:
   with open(paths["optimized.hlo.txt"], "w") as f:
     f.write(optimized)
   with open(paths["unoptimized.hlo.txt"], "w") as f:
-    f.write(lowered.as_text(dialect="hlo"))
+    f.write(lowered.as_text(dialect="hlo", debug_info=True))  # with op_names: scopes classify
   with open(paths["analysis.json"], "w") as f:
     json.dump({"cost_analysis": _cost_analysis(compiled),
                "memory_analysis": _memory_analysis(compiled)}, f, indent=2)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fathom_jax.analysis import categories, hlo
 from fathom_jax.workloads import layers
 
 
@@ -144,6 +145,57 @@ def test_materialize_leaves_other_platforms_alone():
         lowering_platforms=(platform,)).as_text()
   assert "stablehlo.compare" in lowered("cpu")
   assert "stablehlo.compare" not in lowered("cuda")
+
+
+def test_dense_matches_flax():
+  x = jax.random.normal(jax.random.key(0), (3, 5, 7))
+  ours, theirs = layers.Dense(6), nn.Dense(6)
+  variables = theirs.init(jax.random.key(1), x)
+  _close(ours.init(jax.random.key(1), x), variables, 0)  # same names, shapes and initial values
+  _close(_grads(lambda v, x: ours.apply(v, x), variables, x),
+         _grads(lambda v, x: theirs.apply(v, x), variables, x))
+  half = layers.Dense(6, dtype=jnp.bfloat16).apply(variables, x)
+  assert half.dtype == jnp.bfloat16
+  _close(half.astype(jnp.float32), theirs.apply(variables, x), 3e-2)
+
+
+def _products(text):
+  """(plain dots, dots that YNNPACK took, convolutions) in a compiled CPU program."""
+  module = hlo.parse_module(text)
+  instructions = [i for c in module.computations.values() for i in c.instructions]
+  taken = [i for i in instructions if i.opcode == "fusion"
+           and i.backend_config.get("fusion_config", {}).get("kind") == "__ynn_fusion"]
+  return (sum(i.opcode == "dot" for i in instructions) - len(taken), len(taken),
+          sum(i.opcode == "convolution" for i in instructions))
+
+
+def test_eigen_matmul_keeps_its_products_from_ynnpack():
+  # The options that give dots to YNNPACK and leave convolutions to XLA: x @ k's forward and input
+  # gradient go to YNNPACK, eigen_matmul's stay plain dots (Eigen), and no convolution is left.
+  x = jax.random.normal(jax.random.key(0), (4, 64, 128))
+  k = jax.random.normal(jax.random.key(1), (128, 96))
+  options = layers.ynnpack("dot", "reduce")
+  def train_text(matmul):
+    loss = lambda x, k: (matmul(x, k) ** 2).sum()
+    return jax.jit(jax.grad(loss, (0, 1))).lower(x, k).compile(options).as_text()
+  assert _products(train_text(lambda x, k: x @ k)) == (1, 2, 0)  # x^T dy: declined
+  assert _products(train_text(layers.eigen_matmul)) == (3, 0, 0)
+  _close(_grads(layers.eigen_matmul, x, k), _grads(lambda x, k: x @ k, x, k))
+
+
+def test_eigen_matmul_is_a_dot_on_other_platforms_and_filed_under_matrix_operations():
+  x, k = jnp.ones((8, 16)), jnp.ones((16, 4))
+  lowered = lambda platform: jax.jit(layers.eigen_matmul).trace(x, k).lower(
+      lowering_platforms=(platform,)).as_text()
+  assert "stablehlo.convolution" in lowered("cpu") and "stablehlo.dot" not in lowered("cpu")
+  assert "stablehlo.convolution" not in lowered("cuda") and "stablehlo.dot" in lowered("cuda")
+  # Before optimisation the CPU program holds convolutions; the breakdown files them as matmuls.
+  loss = lambda x, k: (layers.eigen_matmul(x, k) ** 2).sum()
+  module = hlo.parse_module(jax.jit(jax.grad(loss, (0, 1))).lower(x, k).as_text("hlo", debug_info=True))
+  convolutions = [i for c in module.computations.values() for i in c.instructions
+                  if i.opcode == "convolution"]
+  assert len(convolutions) == 2  # forward and input gradient
+  assert all(categories.fathom_class(i) == categories.MATRIX for i in convolutions)
 
 
 def test_eigen_convolutions_option_is_valid_and_changes_only_the_kernel():

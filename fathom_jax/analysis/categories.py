@@ -13,7 +13,9 @@
    samplers (jit(_uniform), jit(_bernoulli), jit(_normal), ...: dropout masks included), and an
    op_name inside the 'optimizer' scope that the runner wraps around the update. A convolution
    computed by Winograd's algorithm (fathom_jax.workloads.winograd) compiles to matmuls and
-   loops; its op_names inside the 'winograd_convolution' scope file it under convolution.
+   loops; its op_names inside the 'winograd_convolution' scope file it under convolution. A matmul
+   written as a 1x1 convolution so that Eigen computes it (fathom_jax.workloads.layers.
+   eigen_matmul) is filed under matrix operations by its 'eigen_matmul' scope.
 
 A fusion's time is split among the classes of its body by the cost rule (`COST_RULE`).
 """
@@ -54,6 +56,7 @@ RANDOM_SCOPE = re.compile(
     r"permutation|shuffle|choice)\)")
 OPTIMIZER_SCOPE = re.compile(r"(^|/)optimizer(/|$)")
 CONVOLUTION_SCOPE = re.compile(r"(^|/)winograd_convolution(/|$)")
+MATRIX_SCOPE = re.compile(r"(^|/)eigen_matmul(/|$)")
 
 # Data movement that copies elements, so it has work of its own inside a fusion.
 _COPYING = frozenset({"transpose", "copy", "slice", "dynamic-slice", "dynamic-update-slice",
@@ -137,6 +140,8 @@ def fathom_class(inst: hlo.Instruction) -> str:
     return OPTIMIZATION
   if CONVOLUTION_SCOPE.search(inst.op_name or ""):
     return CONVOLUTION
+  if MATRIX_SCOPE.search(inst.op_name or ""):
+    return MATRIX
   library = library_kind(inst)
   if op == "convolution" or library == "convolution":
     return CONVOLUTION

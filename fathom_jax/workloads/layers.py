@@ -1,5 +1,5 @@
-"""Layers of the image models written for XLA's CPU backend, and the XLA options of its
-library kernels.
+"""Layers written for XLA's CPU backend (the image models' and speech's dense layers), and the
+XLA options of its library kernels.
 
 Each computes what its flax counterpart computes, with the same variables (names, shapes,
 initialisers), but is written so that XLA compiles its training gradient well on CPU; the
@@ -50,6 +50,66 @@ def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], 
     return winograd_conv3x3(x, kernel, padding,
                             lambda x, k: windowed_conv(x, k, (1, 1), padding))
   return windowed_conv(x, kernel, strides, padding)
+
+
+MATMUL_SCOPE = "eigen_matmul"
+
+
+def _conv_matmul(rows, kernel, kernel_spec: str):
+  """rows [n, k] times the kernel over k, as a 1x1 convolution over an image of n pixels;
+  kernel_spec 'HWIO' contracts the kernel's first axis, 'HWOI' its second."""
+  with jax.named_scope(MATMUL_SCOPE):
+    image = jax.lax.conv_general_dilated(rows[None, :, None, :], kernel[None, None], (1, 1),
+                                         "VALID", dimension_numbers=("NHWC", kernel_spec, "NHWC"))
+  return image[0, :, 0]
+
+
+def _eigen_product(rows, kernel, kernel_axis: int):
+  """rows [n, k] contracted with the kernel's axis `kernel_axis` (of size k)."""
+  return jax.lax.platform_dependent(
+      rows, kernel, cpu=lambda a, k: _conv_matmul(a, k, ("HWIO", "HWOI")[kernel_axis]),
+      default=lambda a, k: jax.lax.dot_general(a, k, (((1,), (kernel_axis,)), ((), ()))))
+
+
+@jax.custom_vjp
+def eigen_matmul(x, kernel):
+  """x @ kernel over x's last axis, by Eigen on CPU where the compile options give XLA's dots
+  to YNNPACK. Each product is written as a 1x1 convolution, which XLA rewrites into a dot (or
+  keeps, for Eigen's convolution) only after YNNPACK has taken its dots, so the options must
+  leave convolutions to XLA (`ynnpack('dot', 'reduce')`); the kernel gradient x^T dy is a dot
+  that YNNPACK declines. Speech's dense layers ([12528, 1024] x [1024, 1024]) took 58 ms a
+  product in Eigen against 68-70 in YNNPACK, which runs the recurrence's per-frame products
+  faster. The input gradient transposes the kernel first, cheap for kernels of a few MB (not
+  for AlexNet's 151 MB). Other platforms get dots. The convolutions run under the
+  `eigen_matmul` scope, so the breakdown files them under matrix operations."""
+  rows = x.reshape(-1, x.shape[-1])
+  return _eigen_product(rows, kernel, 0).reshape(*x.shape[:-1], kernel.shape[1])
+
+
+def _eigen_matmul_bwd(residuals, g):
+  x, kernel = residuals
+  rows, g_rows = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+  dx = _eigen_product(g_rows, kernel, 1).reshape(x.shape)
+  return dx, jax.lax.dot_general(rows, g_rows, (((0,), (0,)), ((), ())))
+
+
+eigen_matmul.defvjp(lambda x, kernel: (eigen_matmul(x, kernel), (x, kernel)), _eigen_matmul_bwd)
+
+
+class Dense(nn.Module):
+  """nn.Dense (`kernel` [in, out], `bias`; same names, shapes and initialisers) computed by
+  `eigen_matmul`."""
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: object = nn.initializers.lecun_normal()
+  bias_init: object = nn.initializers.zeros_init()
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (x.shape[-1], self.features)
+    kernel = self.param("kernel", self.kernel_init, shape, jnp.float32).astype(self.dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+    return eigen_matmul(x.astype(self.dtype), kernel) + bias
 
 
 def _conv(x, kernel, strides, padding):

@@ -160,8 +160,8 @@ class DeepSpeech(nn.Module):
   def __call__(self, features, lengths):
     c = self.config
     g = lambda x: jnp.minimum(nn.relu(x), c.clip)
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name,
-                                     kernel_init=nn.initializers.he_normal())
+    dense = lambda n, name: layers.Dense(n, dtype=self.dtype, name=name,
+                                         kernel_init=nn.initializers.he_normal())
     x = features.astype(self.dtype)
     for i in range(1, 4):
       x = g(dense(c.hidden, f"dense_{i}")(x))
@@ -245,9 +245,9 @@ def build(config: Config, dtype: str) -> base.Model:
     labels, lengths = ctc_greedy_decode(logits, batch["feature_lengths"])
     return {"labels": labels, "lengths": lengths}, {}
 
-  # Every op that YNNPACK takes goes to it: the recurrence's products (above) ran faster there,
-  # the dense layers' slower (1.2x), and the choice is per kind of op, not per op.
-  options = layers.ynnpack("convolution", "dot", "reduce")
+  # The recurrence's products (above) run faster in YNNPACK, the dense layers' in Eigen
+  # (`layers.eigen_matmul`, which needs convolutions left to XLA).
+  options = layers.ynnpack("dot", "reduce")
   return base.Model(init=init, apply=apply, loss=ctc_loss, optimizer=make_optimizer(config),
                     synthetic_batch=lambda rng, n: synthetic_batch(config, rng, n),
                     compiler_options={("cpu", "train"): options, ("cpu", "infer"): options})
