@@ -1,9 +1,10 @@
-"""Layers written for XLA's CPU backend (the image models' and speech's dense layers), and the
-XLA options of its library kernels.
+"""Layers written for XLA's CPU backend (the image models' layers and speech's dense layers),
+and the XLA options of its library kernels.
 
 Each computes what its flax counterpart computes, with the same variables (names, shapes,
 initialisers), but is written so that XLA compiles its training gradient well on CPU; the
-docstrings say what the flax form compiles to and what it costs there (ResNet-50, batch 8).
+docstrings say what the flax form compiles to and what it costs there (ResNet-50 at batch 8
+unless they name another model).
 """
 
 import functools
