@@ -39,6 +39,47 @@ def test_conv_matches_flax(window, strides, padding):
          _grads(lambda v, x: theirs.apply(v, x), variables, x))
 
 
+@pytest.mark.parametrize("window,strides,padding", [
+    (1, 1, "VALID"), (1, 2, "VALID"), (3, 1, [(1, 1), (1, 1)]), (3, 2, [(1, 1), (1, 1)])])
+def test_channels_first_conv_is_the_same_layer(window, strides, padding):
+  # Same variables; CHWN in and out, the NHWC layer's values and gradients with axes exchanged.
+  x = jax.random.normal(jax.random.key(0), (2, 9, 9, 5))
+  kwargs = dict(features=6, kernel_size=(window, window), strides=(strides, strides),
+                padding=padding)
+  nhwc, chwn = layers.Conv(**kwargs), layers.Conv(**kwargs, channels_first=True)
+  swap = lambda a: jnp.swapaxes(a, 0, 3)
+  variables = nhwc.init(jax.random.key(1), x)
+  _close(chwn.init(jax.random.key(1), swap(x)), variables, 0)
+  out, (dv, dx) = _grads(lambda v, x: swap(chwn.apply(v, swap(x))), variables, x)
+  _close((out, dv, dx), _grads(lambda v, x: nhwc.apply(v, x), variables, x))
+
+
+def test_batch_norm_over_the_first_axis():
+  # (A smaller mean than below: E[x^2] - E[x]^2 loses more to the order of the sums at 3.)
+  x = 1.0 + jax.random.normal(jax.random.key(0), (4, 5, 5, 6)) * jnp.linspace(0.1, 2.0, 6)
+  last, first = layers.BatchNorm(False, 0.9), layers.BatchNorm(False, 0.9, axis=0)
+  swap = lambda a: jnp.swapaxes(a, 0, 3)
+  variables = last.init(jax.random.key(1), x)
+  variables = {**variables, "params": {"scale": jnp.linspace(0.5, 1.5, 6),
+                                       "bias": jnp.linspace(-1.0, 1.0, 6)}}
+  assert jax.tree.map(jnp.shape, first.init(jax.random.key(1), swap(x))) == \
+      jax.tree.map(jnp.shape, variables)
+
+  def train(module, layout):
+    def f(params, x):
+      y, stats = module.apply({**variables, "params": params}, layout(x), mutable=["batch_stats"])
+      return layout(y), stats
+    return f
+
+  ours = _grads(lambda p, x: train(first, swap)(p, x)[0], variables["params"], x)
+  _close(ours, _grads(lambda p, x: train(last, lambda a: a)(p, x)[0], variables["params"], x),
+         1e-4)
+  _close(train(first, swap)(variables["params"], x)[1],
+         train(last, lambda a: a)(variables["params"], x)[1])
+  infer = lambda m, layout: layout(m.clone(use_running_average=True).apply(variables, layout(x)))
+  _close(infer(first, swap), infer(last, lambda a: a))
+
+
 def test_batch_norm_matches_flax():
   # Channels with a large mean and a small spread, as after a ReLU, test the statistics.
   x = 3.0 + jax.random.normal(jax.random.key(0), (4, 5, 5, 6)) * jnp.linspace(0.1, 2.0, 6)

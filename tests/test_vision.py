@@ -257,6 +257,30 @@ def test_residual_batch_norm_statistics():
                              rtol=1e-4, atol=1e-5)
 
 
+def test_residual_stage_layout_changes_no_result():
+  # Stages stored CHWN in training (the default: 0, 1, 2) or none: the same parameters, the same
+  # loss and running statistics, and the same first update, to float32 rounding: 1.6e-4 of the
+  # update's norm here, where scaling the images by 1 + 1e-6 moves it by 3.2e-4 (batch norm at
+  # this size amplifies rounding, and single elements differ more).
+  def first_step(stages):
+    _, model = checks.build("residual", channels_first_stages=stages)
+    batch = model.synthetic_batch(jax.random.key(1), 8)
+    state = runner.init_train_state(model, key(0, "rbg"), batch)
+    new, metrics = jax.jit(runner.make_train_step(model))(state, batch)
+    return (float(metrics["loss"]), new["model_state"],
+            jax.tree.map(lambda a, b: a - b, new["params"], state["params"]))
+
+  loss, stats, update = first_step((0, 1, 2))
+  want_loss, want_stats, want_update = first_step(())
+  assert jax.tree.map(jnp.shape, update) == jax.tree.map(jnp.shape, want_update)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(want_stats)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  flat = lambda tree: np.concatenate([np.ravel(x) for x in jax.tree.leaves(tree)])
+  error = np.linalg.norm(flat(update) - flat(want_update)) / np.linalg.norm(flat(want_update))
+  assert error < 1e-3, error
+
+
 @pytest.mark.parametrize("name,changes", [("alexnet", {}), ("vgg", {}), ("residual", {"depth": 18})])
 def test_bfloat16_computes_in_bf16_with_f32_params(name, changes):
   _, model = checks.build(name, dtype="bfloat16", **changes)
@@ -290,6 +314,7 @@ def test_bfloat16_computes_in_bf16_with_f32_params(name, changes):
     ("vgg", {"image_size": 16}, "too small"),
     ("residual", {"depth": 42}, "depth"),
     ("residual", {"optimizer": "rmsprop"}, "optimizer"),
+    ("residual", {"channels_first_stages": (1, 4)}, "stage numbers"),
 ])
 def test_bad_configs_are_usage_errors(name, changes, message):
   with pytest.raises(UsageError, match=message):

@@ -40,6 +40,22 @@ def test_tiled_convolution_matches_xla(tiling, size, padding):
     np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()))
 
 
+@pytest.mark.parametrize("tiling", [winograd.F2, winograd.F4], ids=["F2", "F4"])
+def test_channels_first_tiles_compute_the_same_convolution(tiling):
+  # CHWN in and out: the same values and gradients as NHWC's, axes exchanged.
+  x = jax.random.normal(jax.random.key(0), (3, 10, 7, 6))
+  kernel = jax.random.normal(jax.random.key(1), (3, 3, 6, 4))
+  swap = lambda a: jnp.swapaxes(a, 0, 3)
+  nhwc = _value_and_grads(lambda x, k: winograd.tiled_conv3x3(x, k, SAME, tiling), x, kernel)
+  chwn = _value_and_grads(
+      lambda x, k: swap(winograd.tiled_conv3x3(swap(x), k, SAME, tiling, True)), x, kernel)
+  for a, b in zip(jax.tree.leaves(chwn), jax.tree.leaves(nhwc)):
+    np.testing.assert_allclose(a, b, atol=1e-5 * float(jnp.abs(b).max()))
+  # Elsewhere, XLA's convolution with the same layout.
+  direct = winograd.conv3x3(swap(x), kernel, SAME, channels_first=True)
+  assert direct.shape == (4, 10, 7, 3)
+
+
 def test_tiling_rule():
   assert winograd.choose_tiling(224, 224, 3, 64) is None  # VGG's first layer
   assert winograd.choose_tiling(56, 56, 32, 64) is None

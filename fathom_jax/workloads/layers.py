@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fathom_jax.workloads.winograd import CHANNELS_FIRST_DIMENSIONS  # CHWN x HWIO -> CHWN
 from fathom_jax.workloads.winograd import DIMENSIONS  # NHWC x HWIO -> NHWC
 from fathom_jax.workloads.winograd import conv3x3 as winograd_conv3x3
 
@@ -36,21 +37,38 @@ EIGEN_ONLY = ynnpack()
 
 
 def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
-           winograd: bool = False):
-  """NHWC x HWIO convolution. A 1x1 window is one matmul over the pixels: XLA lowers the kernel
-  gradient of a 1x1 convolution to a convolution over the whole image of the activations
-  transposed to CHWN, which ran at 20-50 GFLOP/s, and fused the batch-norm gradient into those
-  transposes (a quarter of the step); as a matmul its gradients are two more matmuls. With
-  `winograd`, a 3x3 stride-1 window is `winograd.conv3x3` (Winograd on CPU where it pays)."""
+           winograd: bool = False, channels_first: bool = False):
+  """NHWC (or, with channels_first, CHWN) x HWIO convolution. A 1x1 window is one matmul over
+  the pixels: XLA lowers the kernel gradient of a 1x1 convolution to a convolution over the
+  whole image of the activations transposed to CHWN, which ran at 20-50 GFLOP/s, and fused the
+  batch-norm gradient into those transposes (a quarter of the step); as a matmul its gradients
+  are two more matmuls. With `winograd`, a 3x3 stride-1 window is `winograd.conv3x3` (Winograd
+  on CPU where it pays)."""
   kh, kw, cin, cout = kernel.shape
   if (kh, kw) == (1, 1) and all(p == (0, 0) for p in padding):
-    x = x[:, ::strides[0], ::strides[1], :]
-    b, h, w, _ = x.shape
-    return (x.reshape(-1, cin) @ kernel.reshape(cin, cout)).reshape(b, h, w, cout)
+    return _conv1x1(x, kernel.reshape(cin, cout), strides, channels_first)
+  if channels_first:
+    direct = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, strides, padding, dimension_numbers=CHANNELS_FIRST_DIMENSIONS)
+  else:
+    direct = lambda x, k: windowed_conv(x, k, strides, padding)
   if winograd and (kh, kw) == (3, 3) and tuple(strides) == (1, 1):
-    return winograd_conv3x3(x, kernel, padding,
-                            lambda x, k: windowed_conv(x, k, (1, 1), padding))
-  return windowed_conv(x, kernel, strides, padding)
+    return winograd_conv3x3(x, kernel, padding, direct, channels_first)
+  return direct(x, kernel)
+
+
+def _conv1x1(x, kernel, strides, channels_first: bool):
+  """A 1x1 convolution with an [in, out] kernel. With the channels first, the kernel gradient
+  x dy^T contracts two operands that are contiguous along the pixels: ResNet-50's 1x1 layers
+  alone (batch 8, forward and both gradients) took 246 ms so against 320 with the channels
+  last, where x^T dy ran at 130-400 GFLOP/s. Its forward product, which YNNPACK declines
+  (the kernel is contracted along its rows), is slower."""
+  x = x[:, ::strides[0], ::strides[1], :]
+  a, h, w, b = x.shape
+  if channels_first:
+    y = jax.lax.dot_general(kernel, x.reshape(a, -1), (((0,), (0,)), ((), ())))
+    return y.reshape(-1, h, w, b)
+  return (x.reshape(-1, b) @ kernel).reshape(a, h, w, -1)
 
 
 MATMUL_SCOPE = "eigen_matmul"
@@ -157,18 +175,22 @@ class Conv(nn.Module):
   padding: object = "VALID"
   use_bias: bool = True
   winograd: bool = False  # 3x3 stride-1 windows by winograd.conv3x3
+  channels_first: bool = False  # CHWN input and output, not NHWC
   dtype: jnp.dtype = jnp.float32
   kernel_init: object = nn.initializers.lecun_normal()
   bias_init: object = nn.initializers.zeros_init()
 
   @nn.compact
   def __call__(self, x):
-    shape = (*self.kernel_size, x.shape[-1], self.features)
+    channel_axis = 0 if self.channels_first else -1
+    shape = (*self.kernel_size, x.shape[channel_axis], self.features)
     kernel = self.param("kernel", self.kernel_init, shape, jnp.float32).astype(self.dtype)
     padding = ((0, 0), (0, 0)) if self.padding == "VALID" else tuple(map(tuple, self.padding))
-    y = conv2d(x.astype(self.dtype), kernel, tuple(self.strides), padding, self.winograd)
+    y = conv2d(x.astype(self.dtype), kernel, tuple(self.strides), padding, self.winograd,
+               self.channels_first)
     if self.use_bias:
-      y = y + self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+      bias = self.param("bias", self.bias_init, (self.features,), jnp.float32).astype(self.dtype)
+      y = y + _per_channel(bias, y.ndim, channel_axis)
     return y
 
 
@@ -208,35 +230,46 @@ materialize.defvjp(lambda x, r: (_materialize_cpu(x, r), r),
                    lambda r, g: (g, jnp.zeros_like(r)))
 
 
-def _normalize(x, mean, var, scale, bias, epsilon: float):
+def _per_channel(v, ndim: int, axis: int):
+  """A per-channel vector shaped to broadcast against an array of ndim axes along `axis`."""
+  axis %= ndim
+  return v.reshape((-1,) + (1,) * (ndim - 1 - axis)) if axis != ndim - 1 else v
+
+
+def _normalize(x, mean, var, scale, bias, epsilon: float, axis: int = -1):
   """(x - mean) * rsqrt(var + epsilon) * scale + bias per channel (flax's arithmetic)."""
-  return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias
+  shape = functools.partial(_per_channel, ndim=x.ndim, axis=axis)
+  return (x - shape(mean)) * shape(jax.lax.rsqrt(var + epsilon) * scale) + shape(bias)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def batch_norm(x, scale, bias, epsilon: float):
-  """x normalised by its batch statistics over every axis but the last: (y, mean, var), the
-  statistics for the running averages (no gradient flows back through them as outputs). The
-  variance is flax's fast one, E[x^2] - E[x]^2."""
-  axes = tuple(range(x.ndim - 1))
+def _other_axes(ndim: int, axis: int) -> tuple[int, ...]:
+  return tuple(a for a in range(ndim) if a != axis % ndim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm(x, scale, bias, epsilon: float, axis: int = -1):
+  """x normalised by its batch statistics over every axis but the channel axis `axis`: (y,
+  mean, var), the statistics for the running averages (no gradient flows back through them as
+  outputs). The variance is flax's fast one, E[x^2] - E[x]^2."""
+  axes = _other_axes(x.ndim, axis)
   mean = x.mean(axes)
   var = jnp.maximum(0.0, (x * x).mean(axes) - mean * mean)
-  return _normalize(x, mean, var, scale, bias, epsilon), mean, var
+  return _normalize(x, mean, var, scale, bias, epsilon, axis), mean, var
 
 
-def _batch_norm_fwd(x, scale, bias, epsilon):
-  y, mean, var = batch_norm(x, scale, bias, epsilon)
+def _batch_norm_fwd(x, scale, bias, epsilon, axis):
+  y, mean, var = batch_norm(x, scale, bias, epsilon, axis)
   return (y, mean, var), (x, mean, var, scale)
 
 
-def _batch_norm_bwd(epsilon, residuals, grads):
+def _batch_norm_bwd(epsilon, axis, residuals, grads):
   # The gradient through the batch statistics in closed form: the sums of dy and dy * x in one
   # pass over both, then dx as a per-channel affine function of (dy, x), so the normalised input
   # is never written out. Autodiff of the statistics left chains of elementwise ops that XLA
   # fused into several consumers and recomputed in each.
   x, mean, var, scale = residuals
   dy = grads[0]
-  axes = tuple(range(x.ndim - 1))
+  axes = _other_axes(x.ndim, axis)
   count = np.prod([x.shape[a] for a in axes])
   rstd = jax.lax.rsqrt(var + epsilon)
   d_bias = dy.sum(axes)
@@ -244,7 +277,8 @@ def _batch_norm_bwd(epsilon, residuals, grads):
   a = scale * rstd
   b = -a * rstd * d_scale / count
   c = -a * d_bias / count - b * mean
-  dx = a * dy + b * x + c
+  shape = functools.partial(_per_channel, ndim=x.ndim, axis=axis)
+  dx = shape(a) * dy + shape(b) * x + shape(c)
   return dx, d_scale, d_bias
 
 
@@ -252,25 +286,27 @@ batch_norm.defvjp(_batch_norm_fwd, _batch_norm_bwd)
 
 
 class BatchNorm(nn.Module):
-  """nn.BatchNorm over the last axis (`scale`, `bias`; batch_stats `mean`, `var`; statistics and
-  normalisation in float32, the result in `dtype`) with the training gradient in closed form."""
+  """nn.BatchNorm over the channel axis `axis` (`scale`, `bias`; batch_stats `mean`, `var`;
+  statistics and normalisation in float32, the result in `dtype`) with the training gradient
+  in closed form."""
   use_running_average: bool
   momentum: float = 0.99
   epsilon: float = 1e-5
   dtype: jnp.dtype = jnp.float32
+  axis: int = -1
 
   @nn.compact
   def __call__(self, x):
-    features = (x.shape[-1],)
+    features = (x.shape[self.axis],)
     scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
     bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
     ra_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
     ra_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
     x = x.astype(jnp.float32)
     if self.use_running_average:
-      y = _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon)
+      y = _normalize(x, ra_mean.value, ra_var.value, scale, bias, self.epsilon, self.axis)
     else:
-      y, mean, var = batch_norm(x, scale, bias, self.epsilon)
+      y, mean, var = batch_norm(x, scale, bias, self.epsilon, self.axis)
       if not self.is_initializing():
         ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
         ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var

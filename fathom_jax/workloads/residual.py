@@ -49,9 +49,16 @@ class Config:
   momentum: float = nonneg(0.9)
   weight_decay: float = nonneg(1e-4)
   winograd: bool = True  # 3x3 stride-1 convolutions by Winograd's algorithm on CPU, where it pays
+  # Stages (0-3) whose activations the train step stores CHWN, not NHWC: each 1x1 kernel
+  # gradient then contracts two operands contiguous along the pixels (`layers.conv2d`). Same
+  # parameters and arithmetic. Inference keeps NHWC, whose forward products ran faster.
+  channels_first_stages: tuple[int, ...] = nonneg((0, 1, 2))
 
   def check(self):
     vision.check_optimizer(self.optimizer)
+    if not set(self.channels_first_stages) <= {0, 1, 2, 3}:
+      raise UsageError("config field 'channels_first_stages' takes stage numbers 0-3, got "
+                       f"{self.channels_first_stages}")
     if self.depth not in DEPTHS:
       raise UsageError(f"config field 'depth' must be one of {', '.join(map(str, DEPTHS))}, "
                        f"got {self.depth}")
@@ -116,7 +123,8 @@ def bn_relu(norm, x):
 
 def shortcut(x, features: int, stride: int, conv, norm):
   """Identity where shapes agree, else a strided 1x1 projection with batch norm."""
-  if stride == 1 and x.shape[-1] == features:
+  channels = x.shape[0] if conv.keywords["channels_first"] else x.shape[-1]
+  if stride == 1 and channels == features:
     return x
   return norm()(conv(features, (1, 1), (stride, stride), "VALID")(x))
 
@@ -128,16 +136,22 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool):
     c = self.config
-    conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=vision.CONV_INIT, winograd=c.winograd)
-    norm = functools.partial(layers.BatchNorm, use_running_average=not train,
-                             momentum=c.bn_momentum, epsilon=c.bn_epsilon, dtype=self.dtype)
+    base_conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype,
+                                  kernel_init=vision.CONV_INIT, winograd=c.winograd)
+    base_norm = functools.partial(layers.BatchNorm, use_running_average=not train,
+                                  momentum=c.bn_momentum, epsilon=c.bn_epsilon, dtype=self.dtype)
     bottleneck, stages = DEPTHS[c.depth]
     x = images.astype(self.dtype)
-    stem_bn = norm()
-    x = relu(stem_bn(conv(c.base_width, (7, 7), (2, 2), [(3, 3), (3, 3)])(x)), stem_bn)
+    stem_bn = base_norm()
+    x = relu(stem_bn(base_conv(c.base_width, (7, 7), (2, 2), [(3, 3), (3, 3)])(x)), stem_bn)
     x = layers.max_pool(x, 3, 2, 1, replicated=layers.param_element(stem_bn, "scale"))
+    first = False
     for i, blocks in enumerate(stages):
+      if (train and i in c.channels_first_stages) != first:
+        first = not first
+        x = x.transpose(3, 1, 2, 0)  # NHWC <-> CHWN
+      conv = functools.partial(base_conv, channels_first=first)
+      norm = functools.partial(base_norm, axis=0 if first else -1)
       for j in range(blocks):
         stride = 2 if i > 0 and j == 0 else 1
         width = c.base_width * 2**i
@@ -145,7 +159,7 @@ class ResNet(nn.Module):
           x = Bottleneck(width, stride, c.stride_in_3x3, conv, norm)(x)
         else:
           x = BasicBlock(width, stride, conv, norm)(x)
-    x = x.mean(axis=(1, 2))
+    x = x.mean(axis=(1, 2)).T if first else x.mean(axis=(1, 2))
     return nn.Dense(c.num_classes, dtype=self.dtype)(x)
 
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 SCOPE = "winograd_convolution"
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
+CHANNELS_FIRST_DIMENSIONS = ("CHWN", "HWIO", "CHWN")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,44 +90,64 @@ def _tile_counts(size: int, padding: tuple[int, int], tiling: Tiling) -> tuple[i
   return out, -(-out // tiling.output)
 
 
-def _input_tiles(x, padding, tiling: Tiling):
-  """B^T d B for every input tile d: (tile positions, n * tiles, channels), and the output
-  size and tile counts."""
-  n, h, w, c = x.shape
+def _spatial(x, channels_first: bool):
+  """(n, c) of x, NHWC or (channels_first) CHWN. Either is (lead, h, w, trail) to the
+  transforms, which move whole rows of `trail` (channels or examples) at a time."""
+  return (x.shape[3], x.shape[0]) if channels_first else (x.shape[0], x.shape[3])
+
+
+def _tiles_by_position(tiles, n: int, c: int, channels_first: bool):
+  """(tile positions, lead, tiles, trail) as the operand of the tile matmuls: (positions,
+  n * tiles, c) for NHWC, (positions, c, tiles * n) for CHWN."""
+  if channels_first:
+    return tiles.reshape(tiles.shape[0], c, -1)
+  return tiles.reshape(tiles.shape[0], -1, c)
+
+
+def _input_tiles(x, padding, tiling: Tiling, channels_first: bool):
+  """B^T d B for every input tile d: (tile positions, n * tiles, channels), or (tile
+  positions, channels, n * tiles) with channels_first, and the output size and tile counts."""
+  n, c = _spatial(x, channels_first)
+  lead, h, w, trail = x.shape
   (ho, th), (wo, tw) = (_tile_counts(s, p, tiling) for s, p in zip((h, w), padding))
   m, a = tiling.output, tiling.size
   hp, wp = th * m + 2, tw * m + 2
   xp = jnp.pad(x, ((0, 0), (padding[0][0], hp - h - padding[0][0]),
-                   (padding[1][0], wp - w - padding[1][0]), (0, 0))).reshape(n, hp, wp * c)
+                   (padding[1][0], wp - w - padding[1][0]), (0, 0))).reshape(lead, hp, wp * trail)
   # Row i of every tile is the strided slice xp[:, i::m]; column j likewise, one axis further.
   rows = _apply(tiling.input_transform, [xp[:, i:i + m * (th - 1) + 1:m] for i in range(a)])
-  rows = rows.reshape(a * n * th, wp, c)
+  rows = rows.reshape(a * lead * th, wp, trail)
   tiles = _apply(tiling.input_transform, [rows[:, j:j + m * (tw - 1) + 1:m] for j in range(a)])
-  return tiles.reshape(a * a, n * th * tw, c), (n, ho, wo, th, tw)
+  return (_tiles_by_position(tiles.reshape(a * a, -1), n, c, channels_first),
+          (n, ho, wo, th, tw))
 
 
-def _output_from_tiles(products, tiling: Tiling, dims):
-  """A^T M A for every tile of products, laid out as the (n, ho, wo, channels) output."""
+def _output_from_tiles(products, tiling: Tiling, dims, channels_first: bool):
+  """A^T M A for every tile of products, laid out as the (n, ho, wo, channels) output, or
+  (channels, n, ho, wo) with channels_first."""
   n, ho, wo, th, tw = dims
   m, a = tiling.output, tiling.size
   products = products.reshape(a, a, -1)
   columns = _apply(tiling.output_transform, list(products))  # (m, a, n * th * tw * c)
   y = _apply(tiling.output_transform, [columns[:, i] for i in range(a)])  # (m, m, ...)
-  y = y.reshape(m, m, n, th, tw, -1).transpose(2, 3, 0, 4, 1, 5)
-  return y.reshape(n, th * m, tw * m, -1)[:, :ho, :wo]
+  lead, trail = (-1, n) if channels_first else (n, -1)
+  y = y.reshape(m, m, lead, th, tw, trail).transpose(2, 3, 0, 4, 1, 5)
+  return y.reshape(lead, th * m, tw * m, trail)[:, :ho, :wo]
 
 
-def _output_grad_tiles(dy, tiling: Tiling, dims):
-  """The transpose of _output_from_tiles: A g A^T for every m x m tile g of dy."""
-  n, ho, wo, th, tw = dims
+def _output_grad_tiles(dy, tiling: Tiling, dims, channels_first: bool):
+  """The transpose of _output_from_tiles: A g A^T for every m x m tile g of dy, laid out as
+  _input_tiles lays out its tiles."""
+  _, ho, wo, th, tw = dims
   m, a = tiling.output, tiling.size
-  c = dy.shape[-1]
+  n, c = _spatial(dy, channels_first)
+  lead, trail = dy.shape[0], dy.shape[3]
   dy = jnp.pad(dy, ((0, 0), (0, th * m - ho), (0, tw * m - wo), (0, 0)))
-  dy = dy.reshape(n * th, m, tw * m * c)
+  dy = dy.reshape(lead * th, m, tw * m * trail)
   a_matrix = _transpose(tiling.output_transform)
-  rows = _apply(a_matrix, [dy[:, i] for i in range(m)]).reshape(a * n * th * tw, m, c)
+  rows = _apply(a_matrix, [dy[:, i] for i in range(m)]).reshape(a * lead * th * tw, m, trail)
   tiles = _apply(a_matrix, [rows[:, j] for j in range(m)])
-  return tiles.reshape(a * a, n * th * tw, c)
+  return _tiles_by_position(tiles.reshape(a * a, -1), n, c, channels_first)
 
 
 def _kernel_tiles(kernel, tiling: Tiling):
@@ -146,42 +167,50 @@ def _kernel_from_tiles(grads, tiling: Tiling):
   return kernel.reshape(3, 3, *grads.shape[1:])
 
 
-def _correlate(x, kernel_tiles, padding, tiling: Tiling, kernel_in_axis: int):
+def _correlate(x, kernel_tiles, padding, tiling: Tiling, kernel_in_axis: int,
+               channels_first: bool):
   """The convolution from the transformed kernel; its input channels are on kernel_in_axis
   (1, or 2 for the transposed kernel of the input gradient)."""
-  tiles, dims = _input_tiles(x, padding, tiling)
-  products = jax.lax.dot_general(tiles, kernel_tiles, (((2,), (kernel_in_axis,)), ((0,), (0,))))
-  return _output_from_tiles(products, tiling, dims)
+  tiles, dims = _input_tiles(x, padding, tiling, channels_first)
+  if channels_first:  # (positions, out, tiles)
+    products = jax.lax.dot_general(kernel_tiles, tiles,
+                                   (((kernel_in_axis,), (1,)), ((0,), (0,))))
+  else:  # (positions, tiles, out)
+    products = jax.lax.dot_general(tiles, kernel_tiles,
+                                   (((2,), (kernel_in_axis,)), ((0,), (0,))))
+  return _output_from_tiles(products, tiling, dims, channels_first)
 
 
-def _forward(x, kernel, padding, tiling):
+def _forward(x, kernel, padding, tiling, channels_first):
   with jax.named_scope(SCOPE):
-    return _correlate(x, _kernel_tiles(kernel, tiling), padding, tiling, 1)
+    return _correlate(x, _kernel_tiles(kernel, tiling), padding, tiling, 1, channels_first)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def tiled_conv3x3(x, kernel, padding, tiling: Tiling):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def tiled_conv3x3(x, kernel, padding, tiling: Tiling, channels_first: bool = False):
   """conv3x3 by Winograd's algorithm with this tiling, on any platform."""
-  return _forward(x, kernel, padding, tiling)
+  return _forward(x, kernel, padding, tiling, channels_first)
 
 
-def _winograd_fwd(x, kernel, padding, tiling):
-  return _forward(x, kernel, padding, tiling), (x, kernel)
+def _winograd_fwd(x, kernel, padding, tiling, channels_first):
+  return _forward(x, kernel, padding, tiling, channels_first), (x, kernel)
 
 
-def _winograd_bwd(padding, tiling, residuals, dy):
+def _winograd_bwd(padding, tiling, channels_first, residuals, dy):
   x, kernel = residuals
   with jax.named_scope(SCOPE):
     # Input gradient: dy correlated with the kernel flipped in space, in and out exchanged (the
     # exchange is the matmul's contraction axis, so the kernel is never transposed).
     flipped = _kernel_tiles(kernel[::-1, ::-1], tiling)
-    dx = _correlate(dy, flipped, tuple((2 - lo, 2 - hi) for lo, hi in padding), tiling, 2)
+    dx = _correlate(dy, flipped, tuple((2 - lo, 2 - hi) for lo, hi in padding), tiling, 2,
+                    channels_first)
     # Kernel gradient: sum over tiles of (B^T d B)^T (A g A^T), then back through G. The input
     # tiles are recomputed rather than kept from the forward pass, where they would hold 2.25x
     # the input's memory per layer (F(4, 3)) until the backward pass reached it.
-    tiles, dims = _input_tiles(x, padding, tiling)
-    products = jax.lax.dot_general(tiles, _output_grad_tiles(dy, tiling, dims),
-                                   (((1,), (1,)), ((0,), (0,))))
+    tiles, dims = _input_tiles(x, padding, tiling, channels_first)
+    over_tiles = 2 if channels_first else 1
+    products = jax.lax.dot_general(tiles, _output_grad_tiles(dy, tiling, dims, channels_first),
+                                   (((over_tiles,), (over_tiles,)), ((0,), (0,))))
     return dx, _kernel_from_tiles(products, tiling)
 
 
@@ -199,19 +228,22 @@ def choose_tiling(height: int, width: int, in_channels: int, out_channels: int) 
   return F4 if min(height, width) >= 28 else F2
 
 
-def conv3x3(x, kernel, padding: tuple[tuple[int, int], tuple[int, int]], direct=None):
-  """NHWC x HWIO 3x3 stride-1 convolution with (low, high) padding (each 0-2) per spatial axis:
-  in float32 on CPU by Winograd's algorithm with choose_tiling's tiling, otherwise by
-  direct(x, kernel) (default: XLA's convolution)."""
+def conv3x3(x, kernel, padding: tuple[tuple[int, int], tuple[int, int]], direct=None,
+            channels_first: bool = False):
+  """NHWC (or, with channels_first, CHWN) x HWIO 3x3 stride-1 convolution with (low, high)
+  padding (each 0-2) per spatial axis: in float32 on CPU by Winograd's algorithm with
+  choose_tiling's tiling, otherwise by direct(x, kernel) (default: XLA's convolution)."""
   if kernel.shape[:2] != (3, 3) or any(not 0 <= p <= 2 for pair in padding for p in pair):
     raise ValueError(f"conv3x3 takes a 3x3 kernel and padding 0-2, got {kernel.shape[:2]} "
                      f"and {padding}")
+  dimensions = CHANNELS_FIRST_DIMENSIONS if channels_first else DIMENSIONS
   direct = direct or (lambda x, k: jax.lax.conv_general_dilated(
-      x, k, (1, 1), padding, dimension_numbers=DIMENSIONS))
+      x, k, (1, 1), padding, dimension_numbers=dimensions))
   out = [_output_size(s, p) for s, p in zip(x.shape[1:3], padding)]
   tiling = choose_tiling(*out, *kernel.shape[2:])
   # In bfloat16 the transforms' sums would lose what the direct form keeps.
   if tiling is None or jnp.result_type(x, kernel) != jnp.float32:
     return direct(x, kernel)
   return jax.lax.platform_dependent(
-      x, kernel, cpu=lambda x, k: tiled_conv3x3(x, k, padding, tiling), default=direct)
+      x, kernel, cpu=lambda x, k: tiled_conv3x3(x, k, padding, tiling, channels_first),
+      default=direct)
