@@ -82,6 +82,7 @@ class BasicBlock(nn.Module):
   stride: int
   conv: Any
   norm: Any
+  channel_axis: int  # 0 for CHWN activations, -1 for NHWC
 
   @nn.compact
   def __call__(self, x):
@@ -89,7 +90,7 @@ class BasicBlock(nn.Module):
     y = bn_relu(self.norm, self.conv(self.width, (3, 3), (s, s), [(1, 1), (1, 1)])(x))
     bn = self.norm()
     y = bn(self.conv(self.width, (3, 3), (1, 1), [(1, 1), (1, 1)])(y))
-    return relu(y + shortcut(x, self.width, s, self.conv, self.norm), bn)
+    return relu(y + shortcut(x, self.width, s, self.conv, self.norm, self.channel_axis), bn)
 
 
 class Bottleneck(nn.Module):
@@ -99,6 +100,7 @@ class Bottleneck(nn.Module):
   stride_in_3x3: bool
   conv: Any
   norm: Any
+  channel_axis: int  # 0 for CHWN activations, -1 for NHWC
 
   @nn.compact
   def __call__(self, x):
@@ -108,7 +110,8 @@ class Bottleneck(nn.Module):
     y = bn_relu(self.norm, self.conv(self.width, (3, 3), (s3, s3), [(1, 1), (1, 1)])(y))
     bn = self.norm()
     y = bn(self.conv(4 * self.width, (1, 1), (1, 1), "VALID")(y))
-    return relu(y + shortcut(x, 4 * self.width, s, self.conv, self.norm), bn)
+    return relu(y + shortcut(x, 4 * self.width, s, self.conv, self.norm, self.channel_axis),
+                bn)
 
 
 def relu(x, bn):
@@ -121,10 +124,9 @@ def bn_relu(norm, x):
   return relu(bn(x), bn)
 
 
-def shortcut(x, features: int, stride: int, conv, norm):
+def shortcut(x, features: int, stride: int, conv, norm, channel_axis: int):
   """Identity where shapes agree, else a strided 1x1 projection with batch norm."""
-  channels = x.shape[0] if conv.keywords["channels_first"] else x.shape[-1]
-  if stride == 1 and channels == features:
+  if stride == 1 and x.shape[channel_axis] == features:
     return x
   return norm()(conv(features, (1, 1), (stride, stride), "VALID")(x))
 
@@ -150,16 +152,19 @@ class ResNet(nn.Module):
       if (train and i in c.channels_first_stages) != first:
         first = not first
         x = x.transpose(3, 1, 2, 0)  # NHWC <-> CHWN
+      channel_axis = 0 if first else -1
       conv = functools.partial(base_conv, channels_first=first)
-      norm = functools.partial(base_norm, axis=0 if first else -1)
+      norm = functools.partial(base_norm, axis=channel_axis)
       for j in range(blocks):
         stride = 2 if i > 0 and j == 0 else 1
         width = c.base_width * 2**i
         if bottleneck:
-          x = Bottleneck(width, stride, c.stride_in_3x3, conv, norm)(x)
+          x = Bottleneck(width, stride, c.stride_in_3x3, conv, norm, channel_axis)(x)
         else:
-          x = BasicBlock(width, stride, conv, norm)(x)
-    x = x.mean(axis=(1, 2)).T if first else x.mean(axis=(1, 2))
+          x = BasicBlock(width, stride, conv, norm, channel_axis)(x)
+    x = x.mean(axis=(1, 2))  # (batch, channels), or (channels, batch) from CHWN
+    if first:
+      x = x.T
     return nn.Dense(c.num_classes, dtype=self.dtype)(x)
 
 

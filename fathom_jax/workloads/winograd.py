@@ -90,7 +90,7 @@ def _tile_counts(size: int, padding: tuple[int, int], tiling: Tiling) -> tuple[i
   return out, -(-out // tiling.output)
 
 
-def _spatial(x, channels_first: bool):
+def _batch_and_channels(x, channels_first: bool):
   """(n, c) of x, NHWC or (channels_first) CHWN. Either is (lead, h, w, trail) to the
   transforms, which move whole rows of `trail` (channels or examples) at a time."""
   return (x.shape[3], x.shape[0]) if channels_first else (x.shape[0], x.shape[3])
@@ -107,7 +107,7 @@ def _tiles_by_position(tiles, n: int, c: int, channels_first: bool):
 def _input_tiles(x, padding, tiling: Tiling, channels_first: bool):
   """B^T d B for every input tile d: (tile positions, n * tiles, channels), or (tile
   positions, channels, n * tiles) with channels_first, and the output size and tile counts."""
-  n, c = _spatial(x, channels_first)
+  n, c = _batch_and_channels(x, channels_first)
   lead, h, w, trail = x.shape
   (ho, th), (wo, tw) = (_tile_counts(s, p, tiling) for s, p in zip((h, w), padding))
   m, a = tiling.output, tiling.size
@@ -140,7 +140,7 @@ def _output_grad_tiles(dy, tiling: Tiling, dims, channels_first: bool):
   _input_tiles lays out its tiles."""
   _, ho, wo, th, tw = dims
   m, a = tiling.output, tiling.size
-  n, c = _spatial(dy, channels_first)
+  n, c = _batch_and_channels(dy, channels_first)
   lead, trail = dy.shape[0], dy.shape[3]
   dy = jnp.pad(dy, ((0, 0), (0, th * m - ho), (0, tw * m - wo), (0, 0)))
   dy = dy.reshape(lead * th, m, tw * m * trail)
