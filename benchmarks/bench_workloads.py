@@ -51,6 +51,8 @@ flags.DEFINE_float("min_time_s", 2.0, "Measured time a run must fill; shorter ru
 flags.DEFINE_enum("host_memory", "auto", ["auto", "keep", "return"],
                   "Freed host memory, as run.py's flag: kept or returned to the kernel; auto runs "
                   "each workload in its own process with run.py's choice for it.")
+flags.DEFINE_bool("huge_pages", True, "As run.py's flag: glibc's malloc asks for transparent huge "
+                  "pages (the process starts again once with GLIBC_TUNABLES set).")
 flags.DEFINE_bool("header", True, "Print the table's header.")
 flags.DEFINE_integer("max_steps", 2000, "Upper bound on the steps of a repeated run.")
 flags.DEFINE_float("max_compile_s", 20.0, "Compile time (lower + compile) a step must stay under; "
@@ -112,7 +114,8 @@ def _print_header(env: dict) -> None:
   print(f"# {env['device_kind']} ({env['backend']}, {env['cpu_affinity']} cores), jax "
         f"{env['jax']}, {FLAGS.dtype}, preset {FLAGS.preset}; MFU against the matmul peak "
         f"measured before each row; compile limit {FLAGS.max_compile_s:.0f} s; host: freed "
-        f"memory kept or returned to the kernel (--host_memory={FLAGS.host_memory})")
+        f"memory kept or returned to the kernel (--host_memory={FLAGS.host_memory}), huge "
+        f"pages {'asked for' if env['huge_pages'] else 'not asked for'}")
   header = (f"{'workload':<9} {'mode':<5} {'batch':>5} {'compile s':>10} {'step ms':>9} "
             f"{'p10-p90 ms':>15} {'steps':>5} {'throughput':>22} {'GFLOP/step':>10} "
             f"{'XLA GFLOP':>10} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6} {'host':>8}")
@@ -137,6 +140,8 @@ def _one_process_per_workload(names: list[str]) -> int:
 
 def main(argv):
   del argv
+  if FLAGS.huge_pages:
+    host_memory.restart_with_huge_pages()  # before JAX starts its threads
   names = registry.expand(FLAGS.workloads)
   if FLAGS.host_memory == "auto" and len(names) > 1:
     _print_header(environment.describe(environment.select_devices(FLAGS.backend)))

@@ -48,6 +48,10 @@ flags.DEFINE_enum("host_memory", "auto", ["auto", "keep", "return"],
                   "return it to the kernel (glibc's default), which faults it in again every "
                   "step; auto keeps it where a workload's paper-size steps use large buffers "
                   "(see host_memory.py).")
+flags.DEFINE_bool("huge_pages", True,
+                  "Have glibc's malloc ask for transparent huge pages for large host buffers: "
+                  "the process starts again once with GLIBC_TUNABLES set (Linux, glibc 2.35+; "
+                  "a hugetlb setting already in GLIBC_TUNABLES stands).")
 flags.DEFINE_integer("cpus", None,
                      "Pin the process to the first N CPUs it may use, before JAX starts (XLA's "
                      "CPU thread pools follow the mask): the CPU thread-scaling knob.")
@@ -122,6 +126,8 @@ def main(argv: list[str]) -> None:
   del argv  # parse_flags rejects positional arguments
   # JAX logs each backend it fails to find (e.g. no libtpu) at INFO; that is not news to a user.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+  if FLAGS.huge_pages:
+    host_memory.restart_with_huge_pages()
   if _keep_host_memory():
     host_memory.keep_freed_memory()
   try:

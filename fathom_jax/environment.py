@@ -70,6 +70,7 @@ def describe(devices) -> dict:
       "cpu_count": os.cpu_count(),
       "cpu_affinity": affinity,
       "host_memory_reused": host_memory.kept(),
+      "huge_pages": host_memory.huge_pages(),
       "jax": jax.__version__,
       "jaxlib": _version("jaxlib"),
       "flax": _version("flax"),

@@ -12,6 +12,7 @@ with and without profiling. The run folder receives:
 import glob
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -20,6 +21,7 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from fathom_jax import host_memory
 from fathom_jax.errors import DataError
 
 HLO_DIR = "hlo"
@@ -98,15 +100,19 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
   # level-2 detail (thread-pool regions) slowed memnet's paper step by 10-15% here, level 1 by 4%.
   options.python_tracer_level = 0
   options.host_tracer_level = 1
-  times = []
+  times, faults = [], []
   try:
-    with jax.profiler.trace(trace_dir, profiler_options=options):
+    # Kept freed memory fragments under the profiler (see host_memory.large_blocks_returned).
+    with host_memory.large_blocks_returned(), \
+        jax.profiler.trace(trace_dir, profiler_options=options):
       for i in range(steps):
         inputs = prepare()
         with jax.profiler.StepTraceAnnotation(mode, step_num=i):
+          before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
           start = time.perf_counter()
           run(inputs)
           times.append(time.perf_counter() - start)
+          faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
   finally:
     if not keep:
       shutil.rmtree(trace_dir, ignore_errors=True)
@@ -114,12 +120,16 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
   # Medians, and minima, which a busy machine disturbs less.
   summary = {"step_times_s": times, "step_time_s": profiled,
              "overhead": profiled["median"] / unprofiled["median"] - 1,
-             "overhead_of_min": profiled["min"] / unprofiled["min"] - 1}
+             "overhead_of_min": profiled["min"] / unprofiled["min"] - 1,
+             "page_faults_per_step": float(np.median(faults)),
+             "large_blocks_returned": host_memory.kept()}
   ms = lambda t: f"{t * 1e3:.3f} ms"
   overhead = (f"  step time under the profiler: median {ms(profiled['median'])}, unprofiled "
               f"{ms(unprofiled['median'])} ({summary['overhead'] * 100:+.1f}%); min "
               f"{ms(profiled['min'])} vs {ms(unprofiled['min'])} "
-              f"({summary['overhead_of_min'] * 100:+.1f}%)")
+              f"({summary['overhead_of_min'] * 100:+.1f}%); page faults "
+              f"{summary['page_faults_per_step']:,.0f} a step"
+              + (" (large blocks mapped afresh, not kept)" if host_memory.kept() else ""))
   if not keep:
     return summary
   hlo_files = sorted(glob.glob(os.path.join(run_dir, HLO_DIR, "*.optimized.hlo.txt")))

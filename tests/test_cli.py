@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from fathom_jax import host_memory
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,6 +39,8 @@ def test_tiny_run_writes_valid_result(tmp_path):
   assert train["config"]["batch_size"] == 8 and train["spec"]["seed"] == 7
   assert train["environment"]["backend"] == "cpu" and train["environment"]["jax"]
   assert train["environment"]["host_memory_reused"] is False  # auto: small steps
+  # run.py starts again once, with glibc's malloc asking for huge pages, where glibc has them.
+  assert train["environment"]["huge_pages"] is (host_memory._glibc_version() >= (2, 35))
   f = train["figures"]
   assert len(f["step_times_s"]) == 3 and len(f["losses"]) == 3
   assert f["step_time_s"]["p10"] <= f["step_time_s"]["median"] <= f["step_time_s"]["p90"]

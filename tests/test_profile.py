@@ -50,6 +50,9 @@ def test_step_times_with_and_without_profiling(profiled):
   assert p["step_time_s"]["median"] > 0
   assert p["overhead"] == pytest.approx(
       p["step_time_s"]["median"] / f["step_time_s"]["median"] - 1)
+  # Page faults of a profiled step, and whether large blocks were mapped afresh meanwhile.
+  assert p["page_faults_per_step"] >= 0
+  assert p["large_blocks_returned"] is record["environment"]["host_memory_reused"]
 
 
 def test_breakdown_covers_the_step_and_adds_up(profiled):
