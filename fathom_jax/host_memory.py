@@ -64,7 +64,7 @@ def large_blocks_returned(threshold_bytes: int = 32 << 20):
 
   For profiled steps: under the JAX profiler the one heap fragments, so each step's temporary
   buffer no longer fitted where the last one had been freed. The heap grew by it every step
-  (157 MB for ResNet-50's batch-8 inference, 2.5 GB over 16 steps) and the step ran 2.5x
+  (157 MB for ResNet-50's batch-8 inference, 1.3 GB over 10 steps) and the step ran 2.5x
   slower, the time charged to whichever ops first touched the new pages. A mapped block costs
   a step its page faults, as without kept memory, and no more (fewer with huge pages,
   `restart_with_huge_pages`). Does nothing where freed memory is not kept."""
@@ -105,9 +105,10 @@ def restart_with_huge_pages() -> None:
   Returns, doing nothing, where that is set already or the C library is not glibc 2.35 or later.
 
   Each step's temporary buffers are hundreds of megabytes; in 4 KB pages a step that maps them
-  afresh takes 210,000 page faults (ResNet-50's batch-8 train step), and one that keeps them
-  still walks a page table that large. In 2 MB pages: 700-1,100 faults, and ResNet-50's train
-  step 1.1x faster either way. Where the kernel's policy is 'never', the request is ignored."""
+  afresh takes 210,000 page faults (ResNet-50's batch-8 train step). In 2 MB pages it takes
+  about 1,000, and that step ran in 572 ms instead of 721; with kept memory, steps were within
+  noise of those without huge pages. Where the kernel's policy is 'never', the request is
+  ignored."""
   if not sys.platform.startswith("linux") or _glibc_version() < (2, 35):
     return
   tunables = tunables_with_huge_pages(os.environ.get("GLIBC_TUNABLES", ""))
