@@ -188,6 +188,41 @@ def test_materialize_leaves_other_platforms_alone():
   assert "stablehlo.compare" not in lowered("cuda")
 
 
+def _pooled_then_transposed(relayout):
+  def f(x, w, token):
+    y = jnp.maximum(x[:, ::2, ::2], x[:, 1::2, 1::2])  # a pool's taps
+    perm = (3, 1, 2, 0)
+    y = layers.relayout(y, perm, token) if relayout else y.transpose(perm)
+    return (jnp.einsum("chwn,cd->dhwn", y, w) ** 2).sum()
+  return f
+
+
+def test_relayout_is_a_transpose_with_its_gradient():
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+  w = jax.random.normal(jax.random.key(1), (16, 8))
+  token = jnp.float32(1.0)
+  ours = jax.jit(jax.value_and_grad(_pooled_then_transposed(True), (0, 1)))(x, w, token)
+  plain = jax.jit(jax.value_and_grad(_pooled_then_transposed(False), (0, 1)))(x, w, token)
+  _close(ours, plain, 0)
+  _close(jax.jit(layers.relayout, static_argnums=1)(x, (3, 1, 2, 0), jnp.float32(jnp.nan)),
+         x.transpose(3, 1, 2, 0), 0)
+
+
+def test_relayout_keeps_the_transpose_out_of_its_neighbours_on_cpu():
+  x = jax.ShapeDtypeStruct((8, 32, 32, 64), jnp.float32)
+  w = jax.ShapeDtypeStruct((64, 64), jnp.float32)
+  token = jax.ShapeDtypeStruct((), jnp.float32)
+  def transposing_fusions(relayout):
+    step = jax.jit(jax.grad(_pooled_then_transposed(relayout), (0, 1)))
+    computations = step.lower(x, w, token).compile().as_text().split("\n\n")
+    # fused computations that compute a pool tap's maximum, or its gradient's select, and
+    # transpose in the same pass
+    return sum(" transpose(%" in c and (" maximum(%" in c or " select(%" in c)
+               for c in computations if c.lstrip().startswith("%fused"))
+  assert transposing_fusions(False) > 0
+  assert transposing_fusions(True) == 0
+
+
 def test_dense_matches_flax():
   x = jax.random.normal(jax.random.key(0), (3, 5, 7))
   ours, theirs = layers.Dense(6), nn.Dense(6)

@@ -151,7 +151,8 @@ class ResNet(nn.Module):
     for i, blocks in enumerate(stages):
       if (train and i in c.channels_first_stages) != first:
         first = not first
-        x = x.transpose(3, 1, 2, 0)  # NHWC <-> CHWN
+        # NHWC <-> CHWN, each side written out whole
+        x = layers.relayout(x, (3, 1, 2, 0), layers.param_element(stem_bn, "scale"))
       channel_axis = 0 if first else -1
       conv = functools.partial(base_conv, channels_first=first)
       norm = functools.partial(base_norm, axis=channel_axis)
