@@ -141,6 +141,7 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
   s = result.summary
   summary.update(
       trace_dir=run_dir, coverage=s["coverage"], steps_analysed=s["steps"],
+      stalled_steps_left_out=len(s["stalled_steps_left_out"]),
       # FLOPs of the step by our model, every loop iteration counted (XLA's count takes one).
       model_flops_per_step=s["model_flops_per_step"],
       class_shares={k: v["share_of_step"] for k, v in s["by_class"].items()},

@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ def program(x, w):
   return y.sum()
 
 
-def record(logdir, steps=3, annotate=True, embed_hlo=True):
+def record(logdir, steps=3, annotate=True, embed_hlo=True, stalled_step=None):
   f = jax.jit(program)
   x, w = jnp.ones((64, 64)), jnp.full((64, 64), 0.01)
   compiled = f.lower(x, w).compile()
@@ -37,6 +38,8 @@ def record(logdir, steps=3, annotate=True, embed_hlo=True):
       if annotate:
         with jax.profiler.StepTraceAnnotation("train", step_num=i):
           compiled(x, w).block_until_ready()
+          if i == stalled_step:
+            time.sleep(0.3)
       else:
         compiled(x, w).block_until_ready()
   return compiled
@@ -119,6 +122,34 @@ def test_steps_from_program_executions(tmp_path):
   result = breakdown.analyse(traces, breakdown.load_programs(traces))
   assert result.summary["step_source"] == "program executions"
   assert result.summary["steps"] == 4
+
+
+def test_a_stalled_step_is_left_out_of_the_averages(tmp_path, capsys):
+  record(tmp_path, steps=6, stalled_step=3)
+  traces = trace.read_all(str(tmp_path))
+  programs = breakdown.load_programs(traces)
+  s = breakdown.analyse(traces, programs).summary
+  left_out = s["stalled_steps_left_out"]
+  assert any(w["time_s"] >= 0.3 for w in left_out)
+  # Every other step ran the program once; none of them is slower than the limit.
+  assert s["steps"] == 6 - len(left_out)
+  assert s["step_time_s"] <= breakdown.STALLED_STEP_FACTOR * s["median_step_time_s"]
+  assert "stalled step" in breakdown.format_table(s)
+  every = breakdown.analyse(traces, programs, stalled_step_factor=None).summary
+  assert every["steps"] == 6 and every["stalled_steps_left_out"] == []
+  assert every["step_time_s"] >= 0.3 / 6
+  assert cli.main(["breakdown", str(tmp_path), f"--output_dir={tmp_path / 'all'}",
+                   "--all_steps"]) == 0
+  assert "left out" not in capsys.readouterr().out
+  assert json.load(open(tmp_path / "all" / "breakdown.json"))["steps"] == 6
+
+
+def test_stalled_steps_need_a_median_to_stand_out():
+  windows = [trace.Window("train", i, 0.0, d) for i, d in enumerate((10.0, 11.0, 40.0))]
+  assert breakdown.split_stalled(windows) == (windows, [])
+  windows.append(trace.Window("train", 3, 0.0, 12.0))
+  assert breakdown.split_stalled(windows) == (windows[:2] + windows[3:], [windows[2]])
+  assert breakdown.split_stalled(windows, None) == (windows, [])
 
 
 def test_command_writes_outputs(annotated, tmp_path, capsys):

@@ -2,7 +2,8 @@
 
 Op breakdown of any trace `jax.profiler.trace` wrote: ops.csv, breakdown.json, breakdown.png and a
 printed table. Steps come from step annotations (jax.profiler.StepTraceAnnotation) where present,
-from program executions otherwise. The HLO is the one the trace embeds; HLO text files beside the
+from program executions otherwise; an annotated step that took more than 1.5x the median is left
+out as stalled (listed in breakdown.json; --all_steps keeps it). The HLO is the one the trace embeds; HLO text files beside the
 trace (*.optimized.hlo.txt, or XLA's *after_optimizations.txt from --xla_dump_to) or given with
 --hlo serve where it does not. Bad input: one line on stderr, exit status 2.
 """
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
   cmd.add_argument("--hlo", action="append", default=[],
                    help="HLO text of a program the trace ran (if the trace embeds none)")
   cmd.add_argument("--title", default="", help="title of the table and figure")
+  cmd.add_argument("--all_steps", action="store_true",
+                   help="keep steps that took more than 1.5x the median step (left out by default)")
   args = parser.parse_args(argv)
 
   from fathom_jax.analysis import breakdown
@@ -47,7 +50,9 @@ def main(argv=None) -> int:
     hlo_files = args.hlo + _hlo_beside(args.trace_dir)
     output_dir = args.output_dir or (args.trace_dir if os.path.isdir(args.trace_dir)
                                      else os.path.dirname(os.path.abspath(args.trace_dir)))
-    result, paths = breakdown.run(args.trace_dir, output_dir, hlo_files, args.title)
+    result, paths = breakdown.run(
+        args.trace_dir, output_dir, hlo_files, args.title,
+        stalled_step_factor=None if args.all_steps else breakdown.STALLED_STEP_FACTOR)
   except UsageError as e:  # DataError included
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -7,6 +7,11 @@ events active in it (a while/conditional/call event counts only where none of it
 runs). Attributed times therefore add up exactly to the covered time: the union of op intervals
 inside the step, and `coverage` = covered time / step wall time says how much of the step the ops
 explain (the rest is dispatch, synchronisation and idle threads).
+
+Stalled steps. Where a trace has at least four annotated steps, a step that took more than
+STALLED_STEP_FACTOR times their median is left out and listed in the summary: under the profiler
+one step in ten can stall for a second (fresh pages faulted in), and its slowed ops would
+otherwise dominate the per-step averages of the typical step.
 """
 
 import bisect
@@ -15,6 +20,7 @@ import csv
 import dataclasses
 import json
 import os
+import statistics
 from typing import Iterable, Optional
 
 from fathom_jax.analysis import categories, cost, hlo, trace, xprof_check
@@ -25,6 +31,8 @@ OPS_FILE = "ops.csv"
 BREAKDOWN_FILE = "breakdown.json"
 FIGURE_FILE = "breakdown.png"
 UNMATCHED = "(not in HLO)"
+STALLED_STEP_FACTOR = 1.5
+MIN_STEPS_TO_LEAVE_OUT = 4
 
 
 @dataclasses.dataclass
@@ -95,15 +103,28 @@ def _attribute(window: trace.Window, events: list[trace.OpEvent],
   return share, covered
 
 
+def split_stalled(steps: list[trace.Window], factor: Optional[float] = STALLED_STEP_FACTOR
+                  ) -> tuple[list[trace.Window], list[trace.Window]]:
+  """(typical steps, stalled steps): a stalled step took more than `factor` times the median
+  step. None, or fewer than MIN_STEPS_TO_LEAVE_OUT steps, leaves every step in."""
+  if factor is None or len(steps) < MIN_STEPS_TO_LEAVE_OUT:
+    return steps, []
+  limit = factor * statistics.median(w.duration_ns for w in steps)
+  return ([w for w in steps if w.duration_ns <= limit],
+          [w for w in steps if w.duration_ns > limit])
+
+
 @dataclasses.dataclass
 class Breakdown:
   ops: list[dict]
   summary: dict
 
 
-def analyse(traces: list[trace.Trace], programs: dict[str, Program],
-            top: int = 15) -> Breakdown:
+def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 15,
+            stalled_step_factor: Optional[float] = STALLED_STEP_FACTOR) -> Breakdown:
   steps = [w for t in traces for w in t.steps]
+  median_step_ns = statistics.median(w.duration_ns for w in steps) if steps else None
+  steps, stalled = split_stalled(steps, stalled_step_factor)
   source = "step annotations"
   events = [e for t in traces for e in t.events]
   if not events:
@@ -201,6 +222,9 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program],
       "step_source": source,
       "device": ", ".join(sorted({t.device for t in traces})),
       "step_time_s": wall / 1e9 / n_steps,
+      "median_step_time_s": median_step_ns / 1e9 if median_step_ns is not None else None,
+      "stalled_steps_left_out": [{"name": w.name, "time_s": w.duration_ns / 1e9}
+                                 for w in stalled],
       "wall_time_s": wall / 1e9,
       "covered_time_s": covered / 1e9,
       "coverage": covered / wall,
@@ -259,9 +283,14 @@ def write(result: Breakdown, output_dir: str, title: str = "") -> dict[str, str]
 
 
 def format_table(summary: dict, title: str = "") -> str:
+  stalled = summary.get("stalled_steps_left_out") or []
+  left_out = (f"; {len(stalled)} stalled step{'s' * (len(stalled) > 1)} left out ("
+              + ", ".join(f"{w['time_s'] * 1e3:,.1f}" for w in stalled)
+              + f" ms against a median of {summary['median_step_time_s'] * 1e3:,.1f})"
+              if stalled else "")
   lines = [f"== op breakdown{': ' + title if title else ''} ({summary['steps']} steps from "
            f"{summary['step_source']}, {summary['step_time_s'] * 1e3:.3f} ms/step, ops cover "
-           f"{summary['coverage'] * 100:.1f}% of step time) =="]
+           f"{summary['coverage'] * 100:.1f}% of step time{left_out}) =="]
   for heading, key in (("Fathom class", "by_class"), ("XLA category", "by_xla_category")):
     lines.append(f"  {heading:<28s} {'ms/step':>10s} {'% of step':>10s}")
     for name, v in summary[key].items():
@@ -306,15 +335,16 @@ def plot(summary: dict, path: str, title: str = "") -> None:
   plt.close(fig)
 
 
-def run(trace_dir: str, output_dir: Optional[str] = None,
-        hlo_files: Iterable[str] = (), title: str = "") -> tuple[Breakdown, dict[str, str]]:
+def run(trace_dir: str, output_dir: Optional[str] = None, hlo_files: Iterable[str] = (),
+        title: str = "", stalled_step_factor: Optional[float] = STALLED_STEP_FACTOR
+        ) -> tuple[Breakdown, dict[str, str]]:
   """The whole pipeline on a trace folder: read, join, attribute, write."""
   traces = trace.read_all(trace_dir)
   programs = load_programs(traces, hlo_files)
   if not programs:
     raise DataError(f"{trace_dir}: the trace embeds no HLO and no HLO text files were found "
                     "beside it (dump them with XLA_FLAGS=--xla_dump_to=<trace_dir>)")
-  result = analyse(traces, programs)
+  result = analyse(traces, programs, stalled_step_factor=stalled_step_factor)
   try:
     rows = xprof_check.hlo_stats([t.path for t in traces])
   except Exception as e:  # a cross-check only: never the reason a breakdown fails
@@ -322,5 +352,9 @@ def run(trace_dir: str, output_dir: Optional[str] = None,
   else:
     result.summary["xprof_check"] = xprof_check.compare(result.ops, rows,
                                                         result.summary["steps"])
+    if result.summary["stalled_steps_left_out"]:
+      # xprof's totals span every step; ours leave the stalled ones out.
+      result.summary["xprof_check"]["stalled_steps_in_xprof_only"] = len(
+          result.summary["stalled_steps_left_out"])
   paths = write(result, output_dir or trace_dir, title)
   return result, paths
