@@ -259,6 +259,24 @@ def test_eigen_matmul_keeps_its_products_from_ynnpack():
   _close(_grads(layers.eigen_matmul, x, k), _grads(lambda x, k: x @ k, x, k))
 
 
+def test_few_rows_matmul_streams_the_kernel_as_the_left_operand():
+  # The input gradient is kernel dy^T, which YNNPACK takes with the kernel as its left operand
+  # ([in, rows]); the forward product (Eigen) and x^T dy stay plain dots.
+  x = jax.random.normal(jax.random.key(0), (2, 8, 96))
+  k = jax.random.normal(jax.random.key(1), (96, 64))
+  loss = lambda x, k: (layers.few_rows_matmul(x, k) ** 2).sum()
+  text = jax.jit(jax.grad(loss, (0, 1))).lower(x, k).compile(layers.ynnpack("dot", "reduce")
+                                                            ).as_text()
+  assert _products(text) == (2, 1, 0)
+  module = hlo.parse_module(text)
+  (taken,) = [i for c in module.computations.values() for i in c.instructions
+              if i.opcode == "fusion" and "ynn" in i.name]
+  assert taken.shape.dims == (96, 16)
+  _close(_grads(layers.few_rows_matmul, x, k), _grads(lambda x, k: x @ k, x, k), 1e-5)
+  variables = nn.Dense(64).init(jax.random.key(2), x)
+  _close(layers.Dense(64, few_rows=True).init(jax.random.key(2), x), variables, 0)
+
+
 def test_eigen_matmul_is_a_dot_on_other_platforms_and_filed_under_matrix_operations():
   x, k = jnp.ones((8, 16)), jnp.ones((16, 4))
   lowered = lambda platform: jax.jit(layers.eigen_matmul).trace(x, k).lower(

@@ -140,8 +140,10 @@ class AlexNet(nn.Module):
     x = x.reshape(x.shape[0], -1)
     for _ in range(2):
       x = nn.Dropout(c.dropout, deterministic=not train)(x)
-      x = nn.relu(nn.Dense(c.fc_width, dtype=self.dtype, kernel_init=vision.HIDDEN_INIT)(x))
-    return nn.Dense(c.num_classes, dtype=self.dtype, kernel_init=vision.CLASSIFIER_INIT)(x)
+      x = nn.relu(layers.Dense(c.fc_width, dtype=self.dtype, kernel_init=vision.HIDDEN_INIT,
+                               few_rows=True)(x))
+    return layers.Dense(c.num_classes, dtype=self.dtype, kernel_init=vision.CLASSIFIER_INIT,
+                        few_rows=True)(x)
 
 
 def build(config: Config, dtype: str) -> base.Model:

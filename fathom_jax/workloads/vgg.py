@@ -75,9 +75,11 @@ class VGG(nn.Module):
     x = vision.adaptive_avg_pool(x, c.pooled_size)
     x = x.reshape(x.shape[0], -1)
     for _ in range(2):
-      x = nn.relu(nn.Dense(c.fc_width, dtype=self.dtype, kernel_init=vision.HIDDEN_INIT)(x))
+      x = nn.relu(layers.Dense(c.fc_width, dtype=self.dtype, kernel_init=vision.HIDDEN_INIT,
+                               few_rows=True)(x))
       x = nn.Dropout(c.dropout, deterministic=not train)(x)
-    return nn.Dense(c.num_classes, dtype=self.dtype, kernel_init=vision.CLASSIFIER_INIT)(x)
+    return layers.Dense(c.num_classes, dtype=self.dtype, kernel_init=vision.CLASSIFIER_INIT,
+                        few_rows=True)(x)
 
 
 def build(config: Config, dtype: str) -> base.Model:
