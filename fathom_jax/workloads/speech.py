@@ -128,9 +128,21 @@ def _recurrence_bwd(clip, residuals, grads):
     return jnp.einsum("dhk,dkb->dhb", recurrent, dz), dz
 
   _, dzs = jax.lax.scan(step, jnp.zeros_like(grads[0]), (grads, active), reverse=True)
-  previous = jnp.concatenate([jnp.zeros_like(hs[:1]), hs[:-1]])
-  d_recurrent = jnp.einsum("tdhb,tdkb->dhk", previous, dzs, preferred_element_type=jnp.float32)
-  return dzs, None, d_recurrent.astype(recurrent.dtype)
+  return dzs, None, _outer_products_over_frames(hs[:-1], dzs[1:]).astype(recurrent.dtype)
+
+
+def _outer_products_over_frames(hs, dzs):
+  """sum over frames t and batch b of hs[t, d, :, b] dzs[t, d, :, b]^T, per direction d:
+  [T, D, H, B] x [T, D, K, B] -> [D, H, K] (the state before each frame against its dz).
+
+  As one einsum over (t, b) XLA ordered the contraction b-major, t-minor, and transposed hs to
+  it reading one float per 64 KB stride: 60 ms at 3.4 GB/s, and the dot and both transposes
+  took 193 ms alone. With the (t, b) order written out, the transposes move runs of B floats:
+  131 ms (batch 8, 1566 frames, both directions)."""
+  _, d, h, b = hs.shape
+  rows = jnp.transpose(hs, (1, 2, 0, 3)).reshape(d, h, -1)  # [D, H, T*B]
+  columns = jnp.transpose(dzs, (1, 0, 3, 2)).reshape(d, -1, dzs.shape[2])  # [D, T*B, K]
+  return jnp.einsum("dhn,dnk->dhk", rows, columns, preferred_element_type=jnp.float32)
 
 
 _clipped_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
