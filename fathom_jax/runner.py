@@ -616,7 +616,7 @@ def compile_options(execution: str, model_options=None) -> dict:
   mode, and for unfused runs the fusion passes turned off."""
   options = dict(model_options or {})
   if execution == "unfused":
-    options["xla_disable_hlo_passes"] = ",".join(FUSION_PASSES)
+    options = layers.combined(options, {"xla_disable_hlo_passes": ",".join(FUSION_PASSES)})
   return {"compiler_options": options} if options else {}
 
 

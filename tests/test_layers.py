@@ -307,6 +307,21 @@ def test_runner_merges_model_options_with_its_own():
   assert runner.compile_options("compiled", {}) == {}
   merged = runner.compile_options("unfused", layers.EIGEN_CONVOLUTIONS)["compiler_options"]
   assert merged.keys() == {*layers.EIGEN_CONVOLUTIONS, "xla_disable_hlo_passes"}
+  # A model's own disabled passes stay disabled beside the unfused run's.
+  merged = runner.compile_options("unfused", layers.PLAIN_REDUCTIONS)["compiler_options"]
+  passes = merged["xla_disable_hlo_passes"].split(",")
+  assert "tree_reduction_rewriter" in passes and set(runner.FUSION_PASSES) <= set(passes)
+  assert layers.combined(layers.PLAIN_REDUCTIONS, layers.PLAIN_REDUCTIONS) == layers.PLAIN_REDUCTIONS
+
+
+def test_plain_reductions_leave_a_long_sum_one_reduction():
+  x = jax.random.normal(jax.random.key(0), (16, 40000))
+  lowered = jax.jit(lambda x: jax.nn.logsumexp(x, axis=-1)).lower(x)
+  by_xla = layers.ynnpack("dot")  # reductions compiled by XLA, as in seq2seq's train step
+  tree = lowered.compile(by_xla)
+  plain = lowered.compile(layers.combined(by_xla, layers.PLAIN_REDUCTIONS))
+  assert "reduce-window(" in tree.as_text() and "reduce-window(" not in plain.as_text()
+  _close(plain(x), tree(x), 1e-6)
 
 
 def test_an_option_this_xla_lacks_is_dropped_and_recorded_not_fatal():

@@ -494,9 +494,11 @@ def build(config: Config, dtype: str) -> base.Model:
                           optax.sgd(config.learning_rate))
   # Training: YNNPACK's reduction over the logits (the output bias's gradient) ran at a few
   # GFLOP/s. Greedy decoding: its per-token products ran faster as Eigen dots (training's did
-  # not).
-  options = {("cpu", "train"): layers.ynnpack("convolution", "dot"),
-             ("cpu", "infer"): layers.ynnpack("convolution", "reduce")}
+  # not). Both: the softmax's sums over the vocabulary as plain reductions.
+  options = {("cpu", "train"): layers.combined(layers.ynnpack("convolution", "dot"),
+                                               layers.PLAIN_REDUCTIONS),
+             ("cpu", "infer"): layers.combined(layers.ynnpack("convolution", "reduce"),
+                                               layers.PLAIN_REDUCTIONS)}
   return base.Model(init=init, apply=apply, loss=sequence_loss, optimizer=optimizer,
                     synthetic_batch=lambda rng, n: synthetic_batch(config, rng, n),
                     compiler_options=options)
