@@ -10,7 +10,7 @@ explain (the rest is dispatch, synchronisation and idle threads).
 
 Stalled steps. Where a trace has at least four annotated steps, a step that took more than
 STALLED_STEP_FACTOR times their median is left out and listed in the summary: under the profiler
-one step in ten can stall for a second (fresh pages faulted in), and its slowed ops would
+one step in ten can stall for a second (its ops that write out ran 20-30x slower), and they would
 otherwise dominate the per-step averages of the typical step.
 """
 
