@@ -3,9 +3,10 @@
 Op breakdown of any trace `jax.profiler.trace` wrote: ops.csv, breakdown.json, breakdown.png and a
 printed table. Steps come from step annotations (jax.profiler.StepTraceAnnotation) where present,
 from program executions otherwise; an annotated step that took more than 1.5x the median is left
-out as stalled (listed in breakdown.json; --all_steps keeps it). The HLO is the one the trace embeds; HLO text files beside the
-trace (*.optimized.hlo.txt, or XLA's *after_optimizations.txt from --xla_dump_to) or given with
---hlo serve where it does not. Bad input: one line on stderr, exit status 2.
+out as stalled (listed in breakdown.json; --all_steps keeps it). The HLO is the one the trace
+embeds; HLO text files beside the trace (*.optimized.hlo.txt, or XLA's *after_optimizations.txt
+from --xla_dump_to) or given with --hlo serve where it does not. Bad input: one line on stderr,
+exit status 2.
 """
 
 import argparse
