@@ -311,7 +311,8 @@ def test_runner_merges_model_options_with_its_own():
   merged = runner.compile_options("unfused", layers.PLAIN_REDUCTIONS)["compiler_options"]
   passes = merged["xla_disable_hlo_passes"].split(",")
   assert "tree_reduction_rewriter" in passes and set(runner.FUSION_PASSES) <= set(passes)
-  assert layers.combined(layers.PLAIN_REDUCTIONS, layers.PLAIN_REDUCTIONS) == layers.PLAIN_REDUCTIONS
+  twice = layers.combined(layers.PLAIN_REDUCTIONS, layers.PLAIN_REDUCTIONS)
+  assert twice == layers.PLAIN_REDUCTIONS
 
 
 def test_plain_reductions_leave_a_long_sum_one_reduction():
