@@ -58,7 +58,10 @@ def test_step_times_with_and_without_profiling(profiled):
 def test_breakdown_covers_the_step_and_adds_up(profiled):
   record, run_dir = profiled
   summary = json.load(open(os.path.join(run_dir, breakdown.BREAKDOWN_FILE)))
-  assert summary["steps"] == 4 and summary["step_source"] == "step annotations"
+  # A step slower than STALLED_STEP_FACTOR times the median (noise on a busy machine) is left
+  # out of the averages and listed; the others are the steps the breakdown reports.
+  assert summary["steps"] + len(summary["stalled_steps_left_out"]) == 4
+  assert summary["steps"] >= 3 and summary["step_source"] == "step annotations"
   assert summary["coverage"] >= 0.8, summary["coverage"]
   assert summary["unmatched_share"] == 0
   for key in ("by_class", "by_xla_category"):
@@ -79,14 +82,15 @@ def test_ops_table(profiled):
   summary = json.load(open(os.path.join(run_dir, breakdown.BREAKDOWN_FILE)))
   assert sum(float(r["total_time_us"]) for r in rows) * 1e-6 == pytest.approx(
       summary["covered_time_s"], rel=1e-6)
+  steps = summary["steps"]  # those not left out as stalled
   step = [r for r in rows if r["program"].startswith("jit_train_step(")]
-  assert step and all(int(r["occurrences"]) % 4 == 0 for r in step)  # once per step, or loops
+  assert step and all(int(r["occurrences"]) % steps == 0 for r in step)  # once a step, or loops
   assert any(r["source"].endswith(os.path.join("workloads", "memnet.py") + ":" +
                                   r["source"].rsplit(":", 1)[-1]) for r in step)
   assert {r["fathom_class"] for r in step} >= {categories.MATRIX, categories.ELEMENTWISE}
   # FLOPs per step of what the trace shows executing match the cost model's count for the
   # program with every loop iteration (the condition runs once more than the body: rel 1e-3).
-  executed = sum(float(r["flops"]) * int(r["occurrences"]) for r in step) / 4
+  executed = sum(float(r["flops"]) * int(r["occurrences"]) for r in step) / steps
   assert executed == pytest.approx(summary["flops_per_step_executed"], rel=1e-9)
   assert executed == pytest.approx(summary["model_flops_per_step"], rel=1e-3)
 

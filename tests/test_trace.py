@@ -119,7 +119,7 @@ def test_steps_from_program_executions(tmp_path):
   record(tmp_path, steps=4, annotate=False)
   traces = trace.read_all(str(tmp_path))
   assert traces[0].steps == []
-  result = breakdown.analyse(traces, breakdown.load_programs(traces))
+  result = breakdown.analyse(traces, breakdown.load_programs(traces), stalled_step_factor=None)
   assert result.summary["step_source"] == "program executions"
   assert result.summary["steps"] == 4
 
