@@ -8,6 +8,7 @@ at the first one with its DataError; 'skip' leaves each out (one image, one stor
 one sentence pair) and counts it. Damage to a whole file is an error either way.
 """
 
+import functools
 import queue
 import threading
 from typing import Callable, Iterator, Mapping
@@ -15,6 +16,7 @@ from typing import Callable, Iterator, Mapping
 import jax
 import numpy as np
 
+from fathom_jax import compiling
 from fathom_jax.errors import DataError, UsageError
 
 NumpyBatch = Mapping[str, np.ndarray]
@@ -33,12 +35,15 @@ class SyntheticSource:
     self._synthetic_batch = synthetic_batch
     self._pool_size = pool_size
 
-  def batches(self, batch_size: int, *, seed: int, train: bool) -> Iterator[NumpyBatch]:
+  def _pool(self, seed, train: bool, batch_size: int) -> list:
     key = jax.random.fold_in(jax.random.key(seed), 1 if train else 2)
-    pool = [
-        jax.tree.map(np.asarray, self._synthetic_batch(k, batch_size))
-        for k in jax.random.split(key, self._pool_size)
-    ]
+    return [self._synthetic_batch(k, batch_size) for k in jax.random.split(key, self._pool_size)]
+
+  def batches(self, batch_size: int, *, seed: int, train: bool) -> Iterator[NumpyBatch]:
+    # One program makes the pool: op by op, every random op would compile on its own.
+    pool = compiling.run_once(functools.partial(self._pool, train=train, batch_size=batch_size),
+                              seed)
+    pool = jax.tree.map(np.asarray, pool)
     i = 0
     while True:
       yield pool[i % self._pool_size]

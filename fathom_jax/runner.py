@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from fathom_jax import compiling
 from fathom_jax import config as config_lib
 from fathom_jax import data as data_lib
 from fathom_jax import environment, results
@@ -485,11 +486,12 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int, placemen
   # Keys are made inside jit: a host-side key cannot be placed on other hosts' devices.
   make_key = jax.jit(lambda: jax.random.key(spec.seed), out_shardings=replicated)
   if train:
-    state = jax.jit(init_train_state, static_argnums=0, out_shardings=replicated)(
-        model, make_key(), first)
+    state = compiling.run_once(functools.partial(init_train_state, model), make_key(), first,
+                               platform=device.platform, out_shardings=replicated)
   else:
     rng = make_key()
-    variables = jax.jit(model.init, out_shardings=replicated)(rng, first)
+    variables = compiling.run_once(model.init, rng, first, platform=device.platform,
+                                   out_shardings=replicated)
     infer_rng = jax.jit(lambda k: jax.random.fold_in(k, 1), out_shardings=replicated)(rng)
 
   call = compiled

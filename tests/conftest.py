@@ -1,6 +1,31 @@
 import os
+import shutil
 import sys
+import tempfile
 
 # Tests run on the CPU with a deterministic single-device setup, whatever the machine has.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Compiling is most of the suite's time on a small machine, and many tests (and the run.py and
+# study processes they start) compile the same programs. JAX's persistent compilation cache, set
+# through the environment so that child processes share it, makes each distinct program compile
+# once per test run. Op-name metadata stays in the key: the analysis reads it from the HLO, so a
+# program must never come back with another call site's names. The folder lives and dies with
+# this run, so nothing carries over between runs.
+# The process that starts the run (pytest, or xdist's controller) makes the folder; its workers
+# inherit the environment and share it, and only the maker removes it.
+_OWNER = "FATHOM_JAX_TEST_COMPILE_CACHE" not in os.environ
+if _OWNER:
+  os.environ["FATHOM_JAX_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="fathom-jax-test-compile-cache-")
+os.environ.update({
+    "JAX_COMPILATION_CACHE_DIR": os.environ["FATHOM_JAX_TEST_COMPILE_CACHE"],
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+    "JAX_COMPILATION_CACHE_INCLUDE_METADATA_IN_KEY": "true",
+})
+
+
+def pytest_unconfigure(config):
+  if _OWNER:
+    shutil.rmtree(os.environ.pop("FATHOM_JAX_TEST_COMPILE_CACHE"), ignore_errors=True)

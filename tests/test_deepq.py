@@ -41,8 +41,8 @@ def test_td_loss_by_hand():
 
 def test_target_network_copied_every_n_updates():
   _, model = checks.build("deepq", target_update_every=3, learning_rate=1e-2)
-  batch = model.synthetic_batch(jax.random.key(1), 8)
-  state = runner.init_train_state(model, jax.random.key(0), batch)
+  batch = checks.synthetic_batch(model, 1, 8)
+  state = checks.init_train_state(model, jax.random.key(0), batch)
   step = jax.jit(runner.make_train_step(model))
   same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
                                                                  jax.tree.leaves(b)))
@@ -123,7 +123,7 @@ def test_agent_acts_greedily_on_the_states_it_stores():
                                epsilon_decay_steps=1)
   source = deepq.AgentSource(config, model)
   batches = source.batches(4, seed=0, train=True)
-  variables = model.init(jax.random.key(0), next(batches))
+  variables = checks.init_variables(model, jax.random.key(0), next(batches))
   source.observe(variables)
   for _ in range(3):
     next(batches)

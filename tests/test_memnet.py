@@ -41,11 +41,11 @@ def test_empty_memory_slots_take_no_attention():
   """An empty slot's temporal encoding must not reach the answer: changing it changes nothing."""
   import jax
   _, model = checks.build("memnet")
-  batch = model.synthetic_batch(jax.random.key(0), 4)
+  batch = checks.synthetic_batch(model, 0, 4)
   stories = np.array(batch["stories"])
   stories[:, -1] = 0  # last slot empty in every story
   batch = {**batch, "stories": stories}
-  variables = model.init(jax.random.key(1), batch)
+  variables = checks.init_variables(model, jax.random.key(1), batch)
   before, _ = model.apply(variables, batch, train=False, rng=None)
   temporal = variables["params"]["temporal"].at[:, -1].add(5.0)
   changed = {"params": {**variables["params"], "temporal": temporal}}
@@ -85,7 +85,7 @@ def test_babi_reader(tmp_path):
                           sentence_len=config.sentence_len)
   batch = next(source.batches(2, seed=0, train=True))
   import jax
-  variables = model.init(jax.random.key(0), batch)
+  variables = checks.init_variables(model, jax.random.key(0), batch)
   logits, _ = model.apply(variables, batch, train=False, rng=None)
   assert logits.shape == (2, config.vocab_size)
 

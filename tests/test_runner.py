@@ -1,5 +1,6 @@
 """The shared train step: parameter updates ordered after the backward pass."""
 
+import functools
 import re
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from fathom_jax import runner
 from fathom_jax.workloads import registry
+from tests import workload_checks as checks
 
 
 @pytest.fixture
@@ -35,7 +37,8 @@ def test_small_parameter_trees_are_left_alone():
 
 def _parameter_copies(model, batch):
   """Parameter arrays of more than 64 elements that the compiled train step copies."""
-  state = runner.init_train_state(model, jax.random.key(0), batch)
+  state = jax.eval_shape(functools.partial(runner.init_train_state, model), jax.random.key(0),
+                         batch)
   step = jax.jit(runner.make_train_step(model), donate_argnums=0)
   text = step.lower(state, batch).compile().as_text()
   copies = re.findall(r"= f32\[([\d,]*)\]\{[\d,]*\} copy\(%state__params(\S*?)\.\d+\)", text)
@@ -46,7 +49,7 @@ def _parameter_copies(model, batch):
 def test_ordered_updates_copy_no_parameter(monkeypatch):
   workload = registry.get("alexnet")
   model = workload.build(workload.presets["tiny"], "float32")
-  batch = model.synthetic_batch(jax.random.key(1), 2)
+  batch = checks.synthetic_batch(model, 1, 2)
   monkeypatch.setattr(runner, "ORDERED_UPDATES_MIN_BYTES", 1 << 60)
   unordered = _parameter_copies(model, batch)
   monkeypatch.setattr(runner, "ORDERED_UPDATES_MIN_BYTES", 0)
@@ -59,10 +62,10 @@ def test_ordered_updates_copy_no_parameter(monkeypatch):
 def test_ordered_updates_train_the_same(ordered_always, monkeypatch):
   workload = registry.get("vgg")
   model = workload.build(workload.presets["tiny"], "float32")
-  batch = model.synthetic_batch(jax.random.key(1), 2)
+  batch = checks.synthetic_batch(model, 1, 2)
 
   def losses():
-    state = runner.init_train_state(model, jax.random.key(0), batch)
+    state = checks.init_train_state(model, jax.random.key(0), batch)
     step = jax.jit(runner.make_train_step(model))
     out = []
     for _ in range(4):

@@ -72,11 +72,10 @@ def test_synthetic_batch_layout():
 
 def train(model, batch, seeds, steps):
   """Losses of `steps` jitted train steps from each seed's initial state (compiled once)."""
-  init = jax.jit(runner.init_train_state, static_argnums=0)
   step = jax.jit(runner.make_train_step(model))
   runs = []
   for seed in seeds:
-    state = init(model, jax.random.key(seed), batch)
+    state = checks.init_train_state(model, jax.random.key(seed), batch)
     losses = []
     for _ in range(steps):
       state, metrics = step(state, batch)
@@ -89,8 +88,8 @@ def train(model, batch, seeds, steps):
 def tiny():
   """The tiny model, a batch, its variables and a jitted apply(variables, batch, train)."""
   _, model = checks.build("seq2seq")
-  batch = jax.jit(model.synthetic_batch, static_argnums=1)(jax.random.key(0), 4)
-  variables = jax.jit(model.init)(jax.random.key(1), batch)
+  batch = checks.synthetic_batch(model, 0, 4)
+  variables = checks.init_variables(model, jax.random.key(1), batch)
   apply = jax.jit(lambda v, b, train: model.apply(v, b, train=train, rng=None)[0],
                   static_argnums=2)
   return model, batch, variables, apply
@@ -98,7 +97,7 @@ def tiny():
 
 def test_loss_falls_and_deterministic():
   _, model = checks.build("seq2seq")
-  batch = model.synthetic_batch(jax.random.key(1), 8)
+  batch = checks.synthetic_batch(model, 1, 8)
   losses, a, b = train(model, batch, (0, 3, 3), 30)
   assert np.isfinite(losses).all()
   # Starts near log(target_vocab) (uniform predictions), then fits the batch.
@@ -110,9 +109,8 @@ def test_loss_falls_and_deterministic():
 
 def test_bfloat16_trains_and_decodes():
   _, model = checks.build("seq2seq", dtype="bfloat16", layers=1)  # one layer: quicker to compile
-  batch = model.synthetic_batch(jax.random.key(1), 4)
-  init = jax.jit(runner.init_train_state, static_argnums=0)
-  state = init(model, jax.random.key(0), batch)
+  batch = checks.synthetic_batch(model, 1, 4)
+  state = checks.init_train_state(model, jax.random.key(0), batch)
   step = jax.jit(runner.make_train_step(model))
   losses = []
   for _ in range(3):
@@ -126,7 +124,7 @@ def test_bfloat16_trains_and_decodes():
 
 def test_sampled_softmax_trains():
   _, model = checks.build("seq2seq", sampled_softmax=True, layers=1)
-  batch = model.synthetic_batch(jax.random.key(1), 4)
+  batch = checks.synthetic_batch(model, 1, 4)
   (losses,) = train(model, batch, (0,), 3)
   # 1 + 8 classes, near uniform at first.
   assert np.isfinite(losses).all() and abs(losses[0] - np.log(9)) < 1.0

@@ -42,8 +42,8 @@ def test_bad_optimizer():
 def tiny():
   """The tiny model, a batch, its variables and a jitted apply(variables, batch, train)."""
   _, model = checks.build("speech")
-  batch = jax.jit(model.synthetic_batch, static_argnums=1)(jax.random.key(0), 4)
-  variables = jax.jit(model.init)(jax.random.key(1), batch)
+  batch = checks.synthetic_batch(model, 0, 4)
+  variables = checks.init_variables(model, jax.random.key(1), batch)
   apply = jax.jit(lambda v, b, train: model.apply(v, b, train=train, rng=None)[0],
                   static_argnums=2)
   return model, batch, variables, apply
@@ -65,11 +65,10 @@ def test_synthetic_batch_and_shapes(tiny):
 
 
 def train(model, batch, seeds, steps):
-  init = jax.jit(runner.init_train_state, static_argnums=0)
   step = jax.jit(runner.make_train_step(model))
   runs = []
   for seed in seeds:
-    state = init(model, jax.random.key(seed), batch)
+    state = checks.init_train_state(model, jax.random.key(seed), batch)
     losses = []
     for _ in range(steps):
       state, metrics = step(state, batch)
@@ -80,7 +79,7 @@ def train(model, batch, seeds, steps):
 
 def test_loss_falls_and_deterministic():
   _, model = checks.build("speech")
-  batch = model.synthetic_batch(jax.random.key(1), 4)
+  batch = checks.synthetic_batch(model, 1, 4)
   losses, a, b = train(model, batch, (0, 3, 3), 30)
   assert np.isfinite(losses).all()
   assert losses[-3:].mean() < 0.5 * losses[:3].mean(), losses
@@ -91,7 +90,7 @@ def test_loss_falls_and_deterministic():
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_bfloat16_trains(optimizer):
   _, model = checks.build("speech", dtype="bfloat16", optimizer=optimizer)
-  batch = model.synthetic_batch(jax.random.key(1), 4)
+  batch = checks.synthetic_batch(model, 1, 4)
   (losses,) = train(model, batch, (0,), 4)
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
 

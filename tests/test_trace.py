@@ -3,10 +3,9 @@
 import csv
 import json
 import os
-import time
+import subprocess
+import sys
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from fathom_jax.analysis import __main__ as cli
@@ -16,44 +15,60 @@ from fathom_jax.errors import DataError
 TRIPS = 7
 
 
+# Recorded in a process of its own: a trace embeds the HLO of every program its process has
+# compiled, and after other tests' models that is megabytes, slow to record and to read.
+_RECORD = """
+import json, sys, time
+import jax, jax.numpy as jnp
+logdir, hlo_path, steps, annotate, embed_hlo, stalled_step = json.loads(sys.argv[1])
+
 def program(x, w):
   def body(i, c):
     return jnp.tanh(c @ w)
-  y = jax.lax.fori_loop(0, TRIPS, body, x)
+  y = jax.lax.fori_loop(0, %d, body, x)
   with jax.named_scope("optimizer"):
     y = y * 0.5 + 1.0
   return y.sum()
 
-
-def record(logdir, steps=3, annotate=True, embed_hlo=True, stalled_step=None):
-  f = jax.jit(program)
-  x, w = jnp.ones((64, 64)), jnp.full((64, 64), 0.01)
-  compiled = f.lower(x, w).compile()
-  compiled(x, w).block_until_ready()
-  options = jax.profiler.ProfileOptions()
-  options.python_tracer_level = 0
-  options.enable_hlo_proto = embed_hlo
-  with jax.profiler.trace(str(logdir), profiler_options=options):
-    for i in range(steps):
-      if annotate:
-        with jax.profiler.StepTraceAnnotation("train", step_num=i):
-          compiled(x, w).block_until_ready()
-          if i == stalled_step:
-            time.sleep(0.3)
-      else:
+f = jax.jit(program)
+x, w = jnp.ones((64, 64)), jnp.full((64, 64), 0.01)
+compiled = f.lower(x, w).compile()
+compiled(x, w).block_until_ready()
+options = jax.profiler.ProfileOptions()
+options.python_tracer_level = 0
+options.enable_hlo_proto = embed_hlo
+with jax.profiler.trace(logdir, profiler_options=options):
+  for i in range(steps):
+    if annotate:
+      with jax.profiler.StepTraceAnnotation("train", step_num=i):
         compiled(x, w).block_until_ready()
-  return compiled
+        if i == stalled_step:
+          time.sleep(0.3)
+    else:
+      compiled(x, w).block_until_ready()
+with open(hlo_path, "w") as f:
+  f.write(compiled.as_text())
+""" % TRIPS
+
+
+def record(logdir, steps=3, annotate=True, embed_hlo=True, stalled_step=None) -> str:
+  """Traces `steps` runs of a jitted program (a loop of TRIPS iterations, then a named scope)
+  into `logdir`; returns the compiled program's HLO text."""
+  hlo_path = f"{logdir}.hlo.txt"
+  arguments = json.dumps([str(logdir), hlo_path, steps, annotate, embed_hlo, stalled_step])
+  subprocess.run([sys.executable, "-c", _RECORD, arguments], check=True, timeout=300)
+  with open(hlo_path) as f:
+    return f.read()
 
 
 @pytest.fixture(scope="module")
 def annotated(tmp_path_factory):
   logdir = tmp_path_factory.mktemp("annotated")
-  compiled = record(logdir)
-  return logdir, compiled
+  return logdir, record(logdir)
 
 
 def test_layout_events_steps_and_embedded_hlo(annotated):
-  logdir, compiled = annotated
+  logdir, compiled_text = annotated
   (path,) = trace.find_xplanes(str(logdir))
   assert os.path.relpath(path, logdir).startswith(os.path.join("plugins", "profile"))
   t = trace.read(path)
@@ -63,7 +78,7 @@ def test_layout_events_steps_and_embedded_hlo(annotated):
   (key,) = [k for k in t.hlo_texts if k.startswith("jit_program(")]
   module = hlo.parse_module(t.hlo_texts[key])
   assert module.name == "jit_program"
-  assert set(module.instructions) == set(hlo.parse_module(compiled.as_text()).instructions)
+  assert set(module.instructions) == set(hlo.parse_module(compiled_text).instructions)
   ours = [e for e in t.events if e.module == "jit_program"]
   assert ours and all(f"{e.module}({e.program_id})" == key for e in ours)
   assert all(e.op in module.instructions for e in ours)
@@ -166,10 +181,10 @@ def test_command_writes_outputs(annotated, tmp_path, capsys):
 
 
 def test_hlo_dumped_beside_a_trace_without_embedded_hlo(tmp_path, capsys):
-  compiled = record(tmp_path, steps=2, embed_hlo=False)
+  compiled_text = record(tmp_path, steps=2, embed_hlo=False)
   traces = trace.read_all(str(tmp_path))
   assert not any(k.startswith("jit_program") for t in traces for k in t.hlo_texts)
-  (tmp_path / "jit_program.optimized.hlo.txt").write_text(compiled.as_text())
+  (tmp_path / "jit_program.optimized.hlo.txt").write_text(compiled_text)
   assert cli.main(["breakdown", str(tmp_path)]) == 0
   rows = list(csv.DictReader(open(tmp_path / "ops.csv")))
   ours = [r for r in rows if r["program"].startswith("jit_program")]

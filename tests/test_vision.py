@@ -30,13 +30,13 @@ def key(seed, impl=None):
 @functools.lru_cache(maxsize=None)
 def jitted(model):
   """One compiled init and train step per model, shared by the runs of a test."""
-  return (jax.jit(functools.partial(runner.init_train_state, model)),
+  return (functools.partial(checks.init_train_state, model),
           jax.jit(runner.make_train_step(model)))
 
 
 def train(model, batch_size, steps, seed=0, impl=None):
   """(losses, final state) of `steps` jitted train steps on one fixed synthetic batch."""
-  batch = model.synthetic_batch(jax.random.key(seed + 1), batch_size)
+  batch = checks.synthetic_batch(model, seed + 1, batch_size)
   init, step = jitted(model)
   state = init(key(seed, impl), batch)
   losses = []
@@ -126,7 +126,7 @@ def test_residual_running_statistics_are_not_trainable():
 @pytest.mark.parametrize("name", ["alexnet", "vgg", "residual"])
 def test_shapes(name):
   config, model = checks.build(name)
-  batch = model.synthetic_batch(jax.random.key(0), 5)
+  batch = checks.synthetic_batch(model, 0, 5)
   variables = jax.eval_shape(model.init, jax.random.key(1), batch)
   logits, _ = jax.eval_shape(functools.partial(model.apply, train=False), variables, batch, rng=None)
   assert logits.shape == (5, config.num_classes) and logits.dtype == jnp.float32
@@ -139,8 +139,8 @@ def test_shapes(name):
 
 def test_dropout_only_in_training():
   _, model = checks.build("alexnet")
-  batch = model.synthetic_batch(jax.random.key(0), 4)
-  variables = jax.jit(model.init)(key(1, "rbg"), batch)
+  batch = checks.synthetic_batch(model, 0, 4)
+  variables = checks.init_variables(model, key(1, "rbg"), batch)
   apply = jax.jit(model.apply, static_argnames="train")
   run = lambda train, seed: np.asarray(
       apply(variables, batch, train=train, rng=key(seed, "rbg"))[0])
@@ -152,7 +152,7 @@ def test_dropout_only_in_training():
 def test_alexnet_at_other_image_sizes_pools_to_six():
   # 96x96 leaves 2x2 before the adaptive pool; the fc layer still sees 6x6.
   _, model = checks.build("alexnet", image_size=96, pooled_size=6)
-  batch = model.synthetic_batch(jax.random.key(0), 2)
+  batch = checks.synthetic_batch(model, 0, 2)
   variables = jax.eval_shape(model.init, jax.random.key(0), batch)
   logits, _ = jax.eval_shape(functools.partial(model.apply, train=False), variables, batch, rng=None)
   assert logits.shape == (2, 4)
@@ -236,12 +236,12 @@ def test_residual_trains_deterministically():
 def test_residual_batch_norm_statistics():
   # Depth 18 compiles faster than 50 and normalises the same way.
   _, model = checks.build("residual", depth=18)
-  batch = model.synthetic_batch(jax.random.key(1), 4)
-  variables = jax.jit(model.init)(key(0, "rbg"), batch)
+  batch = checks.synthetic_batch(model, 1, 4)
+  variables = checks.init_variables(model, key(0, "rbg"), batch)
   apply = jax.jit(model.apply, static_argnames="train")
   # Training normalises with the batch's statistics and returns new running averages; an
   # example's logits depend on the rest of its batch.
-  other = model.synthetic_batch(jax.random.key(2), 4)
+  other = checks.synthetic_batch(model, 2, 4)
   mixed = {k: v.at[0].set(batch[k][0]) for k, v in other.items()}
   logits, updates = apply(variables, batch, train=True, rng=None)
   assert set(updates) == {"batch_stats"}
@@ -261,12 +261,14 @@ def test_residual_stage_layout_changes_no_result():
   # Stages stored CHWN in training (the default: 0, 1, 2) or none: the same parameters, the same
   # loss and running statistics, and the same first update, to float32 rounding: 1.6e-4 of the
   # update's norm here, where scaling the images by 1 + 1e-6 moves it by 3.2e-4 (batch norm at
-  # this size amplifies rounding, and single elements differ more).
+  # this size amplifies rounding, and single elements differ more). ResNet-18: the same stages
+  # as ResNet-50, fewer layers to compile.
   def first_step(stages):
-    _, model = checks.build("residual", channels_first_stages=stages)
-    batch = model.synthetic_batch(jax.random.key(1), 8)
-    state = runner.init_train_state(model, key(0, "rbg"), batch)
-    new, metrics = jax.jit(runner.make_train_step(model))(state, batch)
+    _, model = checks.build("residual", depth=18, channels_first_stages=stages)
+    batch = checks.synthetic_batch(model, 1, 8)
+    init, step = jitted(model)
+    state = init(key(0, "rbg"), batch)
+    new, metrics = step(state, batch)
     return (float(metrics["loss"]), new["model_state"],
             jax.tree.map(lambda a, b: a - b, new["params"], state["params"]))
 
@@ -284,7 +286,7 @@ def test_residual_stage_layout_changes_no_result():
 @pytest.mark.parametrize("name,changes", [("alexnet", {}), ("vgg", {}), ("residual", {"depth": 18})])
 def test_bfloat16_computes_in_bf16_with_f32_params(name, changes):
   _, model = checks.build(name, dtype="bfloat16", **changes)
-  batch = model.synthetic_batch(jax.random.key(1), 4)
+  batch = checks.synthetic_batch(model, 1, 4)
   init = functools.partial(runner.init_train_state, model)
   shapes = jax.eval_shape(init, jax.random.key(0), batch)
   assert {x.dtype for x in jax.tree.leaves(shapes["params"])} == {jnp.dtype(jnp.float32)}
@@ -293,7 +295,7 @@ def test_bfloat16_computes_in_bf16_with_f32_params(name, changes):
   logits, _ = jax.eval_shape(functools.partial(model.apply, train=False),
                              {**shapes["model_state"], "params": shapes["params"]}, batch, rng=None)
   assert logits.dtype == jnp.bfloat16
-  state = jax.jit(init)(key(0, "rbg"), batch)
+  state = checks.init_train_state(model, key(0, "rbg"), batch)
   lowered = jax.jit(runner.make_train_step(model)).lower(state, batch)
   # Every convolution (forward and backward) computes in bf16.
   conv_types = re.findall(r"= (\w+)\[[^\]]*\]\S* convolution\(", lowered.as_text(dialect="hlo"))

@@ -1,6 +1,8 @@
 """Winograd convolutions compute what XLA's convolution computes, forward and both gradients,
 take over only where they should, and are filed under convolution by the breakdown."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,10 @@ def _direct(x, kernel, padding):
                                       dimension_numbers=winograd.DIMENSIONS)
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _value_and_grads(conv, x, kernel):
+  """conv(x, kernel) and the gradients of a fixed random projection of it, as one compiled
+  program (op by op, every op of the tiled convolution would compile on its own)."""
   out = conv(x, kernel)
   probe = jax.random.normal(jax.random.key(9), out.shape)
   return out, jax.grad(lambda x, k: (conv(x, k) * probe).sum(), argnums=(0, 1))(x, kernel)
@@ -113,8 +118,8 @@ def _train(name, enabled, steps, **changes):
   """Losses of `steps` train steps, the first step's parameter update, and the number of
   convolutions in the compiled step, at widths (64-128 channels) where Winograd takes over."""
   _, model = checks.build(name, base_width=16, winograd=enabled, **changes)
-  batch = model.synthetic_batch(jax.random.key(1), 4)
-  state = runner.init_train_state(model, jax.random.key(0), batch)
+  batch = checks.synthetic_batch(model, 1, 4)
+  state = checks.init_train_state(model, jax.random.key(0), batch)
   step = jax.jit(runner.make_train_step(model)).lower(state, batch).compile()
   before, losses, update = state["params"], [], None
   for _ in range(steps):
@@ -125,22 +130,25 @@ def _train(name, enabled, steps, **changes):
 
 
 def test_vgg_trains_alike_with_and_without_winograd():
-  losses, _, convolutions = _train("vgg", True, 4)
-  direct_losses, _, direct_convolutions = _train("vgg", False, 4)
+  # VGG-11: the same 3x3 layers as VGG-19, half as many to compile.
+  losses, _, convolutions = _train("vgg", True, 4, depth=11)
+  direct_losses, _, direct_convolutions = _train("vgg", False, 4, depth=11)
   assert convolutions < direct_convolutions
   np.testing.assert_allclose(losses, direct_losses, rtol=1e-5)
   assert losses[-1] < losses[0]
 
 
 def test_residual_first_step_alike_with_and_without_winograd():
-  # Batch norm over 4 samples of 1x1 maps makes this small ResNet chaotic: from the second step
+  # ResNet-18, whose basic blocks are all 3x3 convolutions, compiles in a fraction of ResNet-50's
+  # time. Batch norm over 4 samples of 1x1 maps makes this small ResNet chaotic: from the second step
   # on, losses part even between XLA's own two convolution kernels (Eigen and YNNPACK, whose
   # first updates differ by 2%). So: the first loss, and the first update to 1% of its size.
   # NHWC throughout: at these 1x1 maps a change of layout alone moves the first update by up
   # to 54% of a leaf (tests/test_vision.py compares the layouts by the whole update's norm).
-  (loss, *_), update, convolutions = _train("residual", True, 1, channels_first_stages=())
+  (loss, *_), update, convolutions = _train("residual", True, 1, depth=18,
+                                                  channels_first_stages=())
   (direct_loss, *_), direct_update, direct_convolutions = _train(
-      "residual", False, 1, channels_first_stages=())
+      "residual", False, 1, depth=18, channels_first_stages=())
   assert convolutions < direct_convolutions
   np.testing.assert_allclose(loss, direct_loss, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(direct_update)):

@@ -1,8 +1,11 @@
 """Checks every workload must pass, shared by the per-workload test modules."""
 
+import functools
+
 import jax
 import numpy as np
 
+from fathom_jax import compiling
 from fathom_jax import config as config_lib
 from fathom_jax import runner
 from fathom_jax.workloads import registry
@@ -21,10 +24,28 @@ def parameter_count(name: str, preset: str = "paper", **changes) -> int:
   return runner.count_parameters(model)
 
 
+def synthetic_batch(model, seed: int, batch_size: int):
+  """The model's synthetic batch, made as the runner makes it: one program, compiled to run once
+  (op by op, each random op would compile on its own)."""
+  return compiling.run_once(lambda key: model.synthetic_batch(key, batch_size),
+                            jax.random.key(seed))
+
+
+def init_train_state(model, rng, batch):
+  """The initial train state, made as the runner makes it."""
+  return compiling.run_once(functools.partial(runner.init_train_state, model), rng, batch)
+
+
+def init_variables(model, rng, batch):
+  """The model's variables (inference), made as the runner makes them."""
+  return compiling.run_once(model.init, rng, batch)
+
+
 def train_losses(model, batch_size: int, steps: int, seed: int = 0, jit: bool = True):
-  """Losses of `steps` train steps on one fixed synthetic batch."""
-  batch = model.synthetic_batch(jax.random.key(seed + 1), batch_size)
-  state = runner.init_train_state(model, jax.random.key(seed), batch)
+  """Losses of `steps` train steps on one fixed synthetic batch; `jit=False` runs the steps op
+  by op (the batch and the initial state are the same either way)."""
+  batch = synthetic_batch(model, seed + 1, batch_size)
+  state = init_train_state(model, jax.random.key(seed), batch)
   step = runner.make_train_step(model)
   if jit:
     step = jax.jit(step)
@@ -56,6 +77,6 @@ def assert_jit_matches_eager(model, batch_size: int, steps: int = 2, rtol: float
 
 
 def infer_outputs(model, batch_size: int, seed: int = 0):
-  batch = model.synthetic_batch(jax.random.key(seed + 1), batch_size)
-  variables = model.init(jax.random.key(seed), batch)
-  return runner.make_infer_step(model)(variables, batch, jax.random.key(seed + 2))
+  batch = synthetic_batch(model, seed + 1, batch_size)
+  variables = init_variables(model, jax.random.key(seed), batch)
+  return jax.jit(runner.make_infer_step(model))(variables, batch, jax.random.key(seed + 2))
