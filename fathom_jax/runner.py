@@ -18,7 +18,7 @@ import optax
 from fathom_jax import compiling
 from fathom_jax import config as config_lib
 from fathom_jax import data as data_lib
-from fathom_jax import environment, results
+from fathom_jax import environment, results, scopes
 from fathom_jax.errors import RunFailed, UsageError
 from fathom_jax.workloads import base, layers, registry
 
@@ -31,7 +31,6 @@ EXECUTIONS = ("compiled", "unfused", "eager")
 # Pass names of the fusion passes of XLA's CPU and GPU pipelines; unknown names are ignored.
 FUSION_PASSES = ("fusion", "priority-fusion", "multi_output_fusion", "horizontal-loop-fusion",
                  "fusion-merger", "sibling-multi-output-fusion", "cpu-instruction-fusion")
-OPTIMIZER_SCOPE = "optimizer"  # named scope of the update, so the analysis can find it in HLO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +126,7 @@ def make_train_step(model: base.Model) -> Callable:
 
     (loss, (updates, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     grads = after_backward(grads)
-    with jax.named_scope(OPTIMIZER_SCOPE):
+    with jax.named_scope(scopes.OPTIMIZATION):
       param_updates, opt_state = model.optimizer.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], param_updates)
     model_state = {**state["model_state"], **updates}

@@ -55,7 +55,7 @@ def test_convolution_metadata_and_source_through_stack_frames():
   generator = os.path.join(DATA, "make_hlo_samples.py")
   assert conv.source_file.endswith("make_hlo_samples.py")
   assert conv.source_line == line_of(generator, "h = jax.lax.conv_general_dilated(")
-  update = next(i for i in module.instructions.values() if "optimizer/" in i.op_name)
+  update = next(i for i in module.instructions.values() if "fathom.optimization/" in i.op_name)
   assert update.source_line == line_of(generator, "return jax.tree.map(lambda p, g: p - 0.1 * g")
 
 

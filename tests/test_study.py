@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from fathom_jax import study
-from fathom_jax.analysis import report, scaling, similarity
+from fathom_jax.analysis import scaling, similarity
+from fathom_jax.study import report
 from fathom_jax.errors import UsageError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

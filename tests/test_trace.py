@@ -20,13 +20,14 @@ TRIPS = 7
 _RECORD = """
 import json, sys, time
 import jax, jax.numpy as jnp
+from fathom_jax import scopes
 logdir, hlo_path, steps, annotate, embed_hlo, stalled_step = json.loads(sys.argv[1])
 
 def program(x, w):
   def body(i, c):
     return jnp.tanh(c @ w)
   y = jax.lax.fori_loop(0, %d, body, x)
-  with jax.named_scope("optimizer"):
+  with jax.named_scope(scopes.OPTIMIZATION):
     y = y * 0.5 + 1.0
   return y.sum()
 

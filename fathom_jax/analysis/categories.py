@@ -7,15 +7,12 @@
    'wrapped_*' fusions) takes that operation's category; a library call (cuBLAS GEMM, cuDNN
    convolution) is 'dot' or 'convolution'.
 2. Fathom's 2016 classes plus 'communication' and 'other'. Each HLO instruction has one class.
-   Random sampling and optimizer updates lower to plain elementwise HLO, so they are recognised by
-   metadata first: an op_name inside the 'random_sampling' scope, made by a random-bits
-   primitive (threefry2x32, random_bits, rng_bit_generator) or inside one of jax.random's
-   samplers (jit(_uniform), jit(_bernoulli), jit(_normal), ...: dropout masks included), and an
-   op_name inside the 'optimizer' scope that the runner wraps around the update. A convolution
-   computed by Winograd's algorithm (fathom_jax.workloads.winograd) compiles to matmuls and
-   loops; its op_names inside the 'winograd_convolution' scope file it under convolution. A matmul
-   written as a 1x1 convolution so that Eigen computes it (fathom_jax.workloads.layers.
-   eigen_matmul) is filed under matrix operations by its 'eigen_matmul' scope.
+   Work whose HLO does not say what it is is recognised by metadata first: an op_name inside one
+   of the class scopes of `fathom_jax.scopes` (the convention any program can use to state that
+   an update is optimization, a draw random sampling, matmuls a convolution, a convolution a
+   matrix product; the innermost wins), and random sampling also by a random-bits primitive
+   (threefry2x32, random_bits, rng_bit_generator) or one of jax.random's samplers (jit(_uniform),
+   jit(_bernoulli), jit(_normal), ...: dropout masks included) in the op_name.
 
 A fusion's time is split among the classes of its body by the cost rule (`COST_RULE`).
 """
@@ -23,6 +20,7 @@ A fusion's time is split among the classes of its body by the cost rule (`COST_R
 import re
 from typing import Optional
 
+from fathom_jax import scopes
 from fathom_jax.analysis import cost, hlo
 
 ELEMENTWISE = "elementwise arithmetic"
@@ -47,16 +45,16 @@ COST_RULE = (
     "and parameters, which a fusion turns into index arithmetic. A fusion whose body has no work "
     "goes wholly to the class of its root instruction. Loop bodies count once per iteration.")
 
-# The scope models put around their draws, the random-bits primitives, and jax.random's own
-# jitted samplers (dropout's mask comes from jit(_bernoulli)/jit(_uniform), unscoped).
-RANDOM_SCOPE = re.compile(
-    r"(^|/)random_sampling(/|$)|threefry|random_bits|rng_bit_generator|rng-bit-generator|"
+# The class a scope of fathom_jax.scopes states.
+SCOPE_CLASSES = {scopes.OPTIMIZATION: OPTIMIZATION, scopes.RANDOM: RANDOM,
+                 scopes.CONVOLUTION: CONVOLUTION, scopes.MATRIX: MATRIX}
+# The random-bits primitives and jax.random's own jitted samplers, as op_names show them
+# (dropout's mask comes from jit(_bernoulli)/jit(_uniform), in no scope of ours).
+RANDOM_OP_NAMES = re.compile(
+    r"threefry|random_bits|rng_bit_generator|rng-bit-generator|"
     r"random_split|random_fold_in|random_seed|jit\(_(uniform|normal|normal_real|bernoulli|"
     r"randint|gamma|truncated_normal|categorical|gumbel|exponential|beta|dirichlet|poisson|"
     r"permutation|shuffle|choice)\)")
-OPTIMIZER_SCOPE = re.compile(r"(^|/)optimizer(/|$)")
-CONVOLUTION_SCOPE = re.compile(r"(^|/)winograd_convolution(/|$)")
-MATRIX_SCOPE = re.compile(r"(^|/)eigen_matmul(/|$)")
 
 # Data movement that copies elements, so it has work of its own inside a fusion.
 _COPYING = frozenset({"transpose", "copy", "slice", "dynamic-slice", "dynamic-update-slice",
@@ -134,14 +132,11 @@ def fathom_class(inst: hlo.Instruction) -> str:
   op = inst.opcode
   if op in cost.COLLECTIVES:
     return COMMUNICATION
-  if op in _RANDOM_OPS or RANDOM_SCOPE.search(inst.op_name or ""):
+  scope = scopes.innermost(inst.op_name)
+  if scope is not None:
+    return SCOPE_CLASSES[scope]
+  if op in _RANDOM_OPS or RANDOM_OP_NAMES.search(inst.op_name or ""):
     return RANDOM
-  if OPTIMIZER_SCOPE.search(inst.op_name or ""):
-    return OPTIMIZATION
-  if CONVOLUTION_SCOPE.search(inst.op_name or ""):
-    return CONVOLUTION
-  if MATRIX_SCOPE.search(inst.op_name or ""):
-    return MATRIX
   library = library_kind(inst)
   if op == "convolution" or library == "convolution":
     return CONVOLUTION

@@ -10,7 +10,7 @@ its own process whose CPU affinity is set before JAX starts); and over 1, 2, 4, 
 matmul and a large copy) comes first. Each point's run folder lives under
 `<output_dir>/runs/<point>/`; a point whose run finished (completed, or failed for a reason a
 retry would not change) is never redone, so an interrupted study, started again with the same
-command, runs only what is missing. The report (`fathom_jax.analysis.report`) is then written to
+command, runs only what is missing. The report (`fathom_jax.study.report`) is then written to
 `<output_dir>/report.md` with its figures and tables.
 """
 
@@ -243,7 +243,7 @@ def execute(output_dir: str, settings: Settings, argv: Sequence[str], timeout_s:
       say(f"[{i + 1}/{len(points)}] {point.id}: {outcome['status']} in "
           f"{time.perf_counter() - start:.1f} s{error}")
     outcomes[point.id] = outcome
-  from fathom_jax.analysis import report
+  from fathom_jax.study import report
   path = report.build(output_dir)
   say(f"report: {path}")
   return outcomes

@@ -84,7 +84,7 @@ def main(argv: list[str]) -> None:
   del argv
   try:
     if FLAGS.report_only:
-      from fathom_jax.analysis import report
+      from fathom_jax.study import report
       if not os.path.exists(os.path.join(FLAGS.output_dir, study.STUDY_FILE)):
         raise UsageError(f"{FLAGS.output_dir} holds no study ({study.STUDY_FILE} is missing)")
       print(f"report: {report.build(FLAGS.output_dir)}")

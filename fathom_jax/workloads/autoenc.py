@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from fathom_jax import data as data_lib
+from fathom_jax import scopes
 from fathom_jax.errors import DataError
 from fathom_jax.workloads import base
 
@@ -66,11 +67,11 @@ class VAE(nn.Module):
     x = images.reshape(images.shape[0], -1).astype(self.dtype)
     mean, logvar = self.encode(x)
     if train:
-      with jax.named_scope("random_sampling"):
+      with jax.named_scope(scopes.RANDOM):
         eps = jax.random.normal(rng, mean.shape, mean.dtype)
       z = mean + jnp.exp(0.5 * logvar) * eps
       return {"logits": self.decode(z), "mean": mean, "logvar": logvar}
-    with jax.named_scope("random_sampling"):
+    with jax.named_scope(scopes.RANDOM):
       prior_z = jax.random.normal(rng, mean.shape, mean.dtype)
     return {"reconstruction": nn.sigmoid(self.decode(mean)),
             "samples": nn.sigmoid(self.decode(prior_z))}

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fathom_jax import scopes
 from fathom_jax.workloads.winograd import CHANNELS_FIRST_DIMENSIONS  # CHWN x HWIO -> CHWN
 from fathom_jax.workloads.winograd import DIMENSIONS  # NHWC x HWIO -> NHWC
 from fathom_jax.workloads.winograd import conv3x3 as winograd_conv3x3
@@ -89,13 +90,10 @@ def _conv1x1(x, kernel, strides, channels_first: bool):
   return (x.reshape(-1, b) @ kernel).reshape(a, h, w, -1)
 
 
-MATMUL_SCOPE = "eigen_matmul"
-
-
 def _conv_matmul(rows, kernel, kernel_spec: str):
   """rows [n, k] times the kernel over k, as a 1x1 convolution over an image of n pixels;
   kernel_spec 'HWIO' contracts the kernel's first axis, 'HWOI' its second."""
-  with jax.named_scope(MATMUL_SCOPE):
+  with jax.named_scope(scopes.MATRIX):
     image = jax.lax.conv_general_dilated(rows[None, :, None, :], kernel[None, None], (1, 1),
                                          "VALID", dimension_numbers=("NHWC", kernel_spec, "NHWC"))
   return image[0, :, 0]
@@ -118,7 +116,7 @@ def eigen_matmul(x, kernel):
   product in Eigen against 68-70 in YNNPACK, which runs the recurrence's per-frame products
   faster. The input gradient transposes the kernel first, cheap for kernels of a few MB (not
   for AlexNet's 151 MB). Other platforms get dots. The convolutions run under the
-  `eigen_matmul` scope, so the breakdown files them under matrix operations."""
+  matrix scope of `fathom_jax.scopes`, so the breakdown files them under matrix operations."""
   rows = x.reshape(-1, x.shape[-1])
   return _eigen_product(rows, kernel, 0).reshape(*x.shape[:-1], kernel.shape[1])
 

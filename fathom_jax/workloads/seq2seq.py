@@ -45,6 +45,7 @@ import optax
 
 from fathom_jax import config as config_lib
 from fathom_jax import data as data_lib
+from fathom_jax import scopes
 from fathom_jax.errors import DataError, UsageError
 from fathom_jax.workloads import base, layers, softmax
 
@@ -337,7 +338,7 @@ def readout(w, top, context):
 def log_uniform_sample(rng, num_samples: int, vocab: int):
   """Class ids drawn with replacement from P(k) = log((k + 2) / (k + 1)) / log(V + 1), a
   Zipf-like law that suits vocabularies sorted by frequency."""
-  with jax.named_scope("random_sampling"):
+  with jax.named_scope(scopes.RANDOM):
     u = jax.random.uniform(rng, (num_samples,))
   return jnp.clip(jnp.floor(jnp.exp(u * jnp.log(vocab + 1.0))) - 1, 0, vocab - 1).astype(jnp.int32)
 

@@ -9,11 +9,11 @@ ran at 40-50% of it. Each of the three passes (forward, input gradient, kernel g
 Winograd: the input gradient is the forward form applied to the output gradient with the kernel
 flipped, and the kernel gradient is the transposed product of the forward's tiles.
 
-Every operation runs under the `winograd_convolution` scope, so the breakdown files the layer
-under convolution, its Fathom class, and not under the matmuls and loops it compiles to. Other
-platforms get XLA's convolution: their libraries (cuDNN, the TPU compiler) choose their own
-algorithms, Winograd among them. Results equal the direct convolution's to float32 rounding (the
-transforms' coefficients reach 8 in F(4, 3), so the error is a few times the direct form's).
+Every operation runs under the convolution scope of `fathom_jax.scopes`, so the breakdown files
+the layer under convolution, its Fathom class, and not under the matmuls and loops it compiles
+to. Other platforms get XLA's convolution: their libraries (cuDNN, the TPU compiler) choose their
+own algorithms, Winograd among them. Results equal the direct convolution's to float32 rounding
+(the transforms' coefficients reach 8 in F(4, 3), so the error is a few times the direct form's).
 """
 
 import dataclasses
@@ -22,7 +22,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-SCOPE = "winograd_convolution"
+from fathom_jax import scopes
+
 DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 CHANNELS_FIRST_DIMENSIONS = ("CHWN", "HWIO", "CHWN")
 
@@ -182,7 +183,7 @@ def _correlate(x, kernel_tiles, padding, tiling: Tiling, kernel_in_axis: int,
 
 
 def _forward(x, kernel, padding, tiling, channels_first):
-  with jax.named_scope(SCOPE):
+  with jax.named_scope(scopes.CONVOLUTION):
     return _correlate(x, _kernel_tiles(kernel, tiling), padding, tiling, 1, channels_first)
 
 
@@ -198,7 +199,7 @@ def _winograd_fwd(x, kernel, padding, tiling, channels_first):
 
 def _winograd_bwd(padding, tiling, channels_first, residuals, dy):
   x, kernel = residuals
-  with jax.named_scope(SCOPE):
+  with jax.named_scope(scopes.CONVOLUTION):
     # Input gradient: dy correlated with the kernel flipped in space, in and out exchanged (the
     # exchange is the matmul's contraction axis, so the kernel is never transposed).
     flipped = _kernel_tiles(kernel[::-1, ::-1], tiling)

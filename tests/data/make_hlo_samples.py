@@ -18,6 +18,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def conv_net():
   import jax
   import jax.numpy as jnp
+  from fathom_jax import scopes
 
   def loss(params, x, y):
     h = jax.lax.conv_general_dilated(x, params["k"], (1, 1), "SAME",
@@ -29,7 +30,7 @@ def conv_net():
 
   def step(params, x, y):
     grads = jax.grad(loss)(params, x, y)
-    with jax.named_scope("optimizer"):
+    with jax.named_scope(scopes.OPTIMIZATION):
       return jax.tree.map(lambda p, g: p - 0.1 * g, params, grads)
 
   params = {"k": jnp.ones((3, 3, 2, 4)), "w": jnp.ones((4 * 4 * 4, 3))}
@@ -68,9 +69,10 @@ def reduce_window():
 def random_sampling():
   import jax
   import jax.numpy as jnp
+  from fathom_jax import scopes
 
   def f(key, x):
-    with jax.named_scope("random_sampling"):
+    with jax.named_scope(scopes.RANDOM):
       noise = jax.random.uniform(key, x.shape)
     return x + noise
 
