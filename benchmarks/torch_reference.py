@@ -26,11 +26,20 @@ accuracy metric), SGD at 0.5 after global-norm clipping at 5; inference is greed
 its own predictions, stopping where ours stops (all sentences at EOS, or 50 steps: the untrained
 model runs all 50, and the row says how many ran). These two run once: `layout` reads "-".
 
+On a GPU (`--device=cuda`, the image models only): the model, images and labels live on the
+device, `--dtype=bfloat16` runs the steps under CUDA autocast (bfloat16 compute, float32
+parameters and optimizer state, as fathom_jax's bfloat16), cuDNN picks its algorithms per shape
+(`cudnn.benchmark`), each step is timed between two `torch.cuda.synchronize()` calls, and the
+peak is an 8192-square matmul of the compute dtype on the device.
+
   python benchmarks/torch_reference.py --workloads=residual,vgg,alexnet
   python benchmarks/torch_reference.py --workloads=speech,seq2seq
+  python benchmarks/torch_reference.py --device=cuda --dtype=bfloat16 --layouts=channels_last \
+      --batch=residual=256 --batch=vgg=128 --batch=alexnet=512 [--compile]
 """
 
 import argparse
+import contextlib
 import itertools
 import os
 import statistics
@@ -43,13 +52,25 @@ from torch import nn
 import torch.nn.functional as F
 
 
-def matmul_peak(repeats: int = 5, n: int = 2048) -> float:
-  a, b = torch.randn(n, n), torch.randn(n, n)
+def _sync(device: str) -> None:
+  """Waits for the device's queued work: CUDA calls return before their kernels finish."""
+  if device == "cuda":
+    torch.cuda.synchronize()
+
+
+def matmul_peak(repeats: int = 5, n: int = 2048, device: str = "cpu",
+                dtype: torch.dtype = torch.float32) -> float:
+  if device != "cpu":
+    n = 8192  # as fathom_jax.peaks on an accelerator
+  a = torch.randn(n, n, device=device, dtype=dtype)
+  b = torch.randn(n, n, device=device, dtype=dtype)
   torch.mm(a, b)
+  _sync(device)
   best = float("inf")
   for _ in range(repeats):
     start = time.perf_counter()
     torch.mm(a, b)
+    _sync(device)
     best = min(best, time.perf_counter() - start)
   return 2 * n**3 / best
 
@@ -527,57 +548,82 @@ def seq2seq_step(mode: str, batch_size: int, loops: str):
 SEQUENCE_MODELS = {"speech": (speech_step, 8), "seq2seq": (seq2seq_step, 16)}
 
 
-def _time_steps(step, steps: int, warmup: int, min_time_s: float) -> list:
+def _time_steps(step, steps: int, warmup: int, min_time_s: float, device: str = "cpu") -> list:
   for _ in range(warmup):
     step()
+  _sync(device)
   times = []
   while len(times) < steps or sum(times) < min_time_s:
     start = time.perf_counter()
     step()
+    _sync(device)  # a step is done when its kernels are, as JAX's block_until_ready
     times.append(time.perf_counter() - start)
   return times
 
 
-def image_step(name: str, mode: str, layout: str, compiled: bool = False):
-  build, batch, weight_decay = MODELS[name]
+def _autocast(device: str, dtype: torch.dtype):
+  """bfloat16 compute with float32 parameters (fathom_jax's --dtype=bfloat16), or nothing."""
+  if dtype == torch.float32:
+    return contextlib.nullcontext()
+  return torch.autocast(device_type=device, dtype=dtype)
+
+
+def image_step(name: str, mode: str, layout: str, compiled: bool = False, batch: int | None = None,
+               device: str = "cpu", dtype: torch.dtype = torch.float32):
+  build, default_batch, weight_decay = MODELS[name]
+  batch = batch or default_batch
   model = build()
   fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-  model = model.to(memory_format=fmt)
+  model = model.to(device=device, memory_format=fmt)
   params = list(model.parameters())
-  if compiled:  # TorchInductor: the forward (and, in training, the backward) compiled to C++
+  if compiled:  # TorchInductor: the forward (and, in training, the backward) compiled
     model = torch.compile(model)
-  images = torch.randn(batch, 3, 224, 224).contiguous(memory_format=fmt)
-  labels = torch.randint(0, 1000, (batch,))
+  images = torch.randn(batch, 3, 224, 224, device=device).contiguous(memory_format=fmt)
+  labels = torch.randint(0, 1000, (batch,), device=device)
   if mode == "train":
     model.train()
     opt = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=weight_decay)
 
     def step():
       opt.zero_grad(set_to_none=True)
-      loss = F.cross_entropy(model(images), labels)
+      with _autocast(device, dtype):
+        loss = F.cross_entropy(model(images), labels)
       loss.backward()
       opt.step()
   else:
     model.eval()
 
     def step():
-      with torch.inference_mode():
+      with torch.inference_mode(), _autocast(device, dtype):
         model(images)
   return params, batch, step, None
 
 
 def bench(name: str, mode: str, layout: str, args) -> dict:
   torch.manual_seed(0)
+  dtype = getattr(torch, args.dtype)
   if name in MODELS:
-    params, batch, step, note = image_step(name, mode, layout, args.compile)
+    params, batch, step, note = image_step(name, mode, layout, args.compile,
+                                           args.batch.get(name), args.device, dtype)
   else:
     build, batch = SEQUENCE_MODELS[name]
+    batch = args.batch.get(name, batch)
     params, step, note = build(mode, batch, args.loops)
-  peak = matmul_peak()
-  times = _time_steps(step, args.steps, args.warmup_steps, args.min_time_s)
+  peak = matmul_peak(device=args.device, dtype=dtype)
+  times = _time_steps(step, args.steps, args.warmup_steps, args.min_time_s, args.device)
   return {"params": sum(p.numel() for p in params), "batch": batch,
           "median_s": statistics.median(times), "steps": len(times), "peak": peak,
           "note": note() if note else ""}
+
+
+def _batches(parser, items: list) -> dict:
+  sizes = {}
+  for item in items:
+    name, _, value = item.partition("=")
+    if name not in MODELS and name not in SEQUENCE_MODELS or not value.isdigit() or not int(value):
+      parser.error(f"--batch takes workload=N (N > 0), got {item!r}")
+    sizes[name] = int(value)
+  return sizes
 
 
 def main():
@@ -595,26 +641,65 @@ def main():
   parser.add_argument("--min_time_s", type=float, default=2.0)
   parser.add_argument("--reuse_host_memory", action=argparse.BooleanOptionalAction, default=True,
                       help="keep freed host memory for reuse, as fathom_jax's runs do")
+  parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                      help="where the steps run; cuda: the image models only")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                      help="compute dtype; bfloat16: autocast, parameters stay float32 (the image "
+                           "models only)")
+  parser.add_argument("--batch", action="append", default=[],
+                      help="workload=N, the batch of that workload; repeatable")
   args = parser.parse_args()
+  args.batch = _batches(parser, args.batch)
+  names = args.workloads.split(",")
+  unknown = [n for n in names if n not in MODELS and n not in SEQUENCE_MODELS]
+  if unknown:
+    parser.error(f"unknown workloads: {', '.join(unknown)}")
+  # The sequence models build their masks and loops on the host: they run on the CPU in float32.
+  sequence = [n for n in names if n in SEQUENCE_MODELS]
+  if sequence and (args.device != "cpu" or args.dtype != "float32"):
+    parser.error(f"{', '.join(sequence)}: --device=cpu and --dtype=float32 only")
+  if args.device == "cuda":
+    if not torch.cuda.is_available():
+      parser.error("--device=cuda: torch sees no CUDA device")
+    torch.backends.cudnn.benchmark = True  # fixed shapes: cuDNN times its algorithms once
   kept = False
   if args.reuse_host_memory:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from fathom_jax import host_memory  # no JAX import: ctypes only
     kept = host_memory.keep_freed_memory()
   torch.set_num_threads(len(os.sched_getaffinity(0)))
-  print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads, float32, image models "
-        f"{'torch.compile' if args.compile else 'eager'} (sequence models' loops {args.loops}); "
-        f"mm peak measured before each row; freed host memory "
-        f"{'kept' if kept else 'returned to the kernel'}")
+  where = (f"{torch.cuda.get_device_name()}, " if args.device == "cuda" else "")
+  print(f"# torch {torch.__version__}, {where}{torch.get_num_threads()} threads, {args.dtype}, "
+        f"image models {'torch.compile' if args.compile else 'eager'} (sequence models' loops "
+        f"{args.loops}); {args.device} mm peak (GFLOP/s) measured before each row; freed host "
+        f"memory {'kept' if kept else 'returned to the kernel'}")
   print(f"{'workload':<9} {'mode':<5} {'layout':<13} {'batch':>5} {'params':>12} "
-        f"{'step ms':>9} {'steps':>5} {'items/s':>9} {'mm peak':>8}")
-  for name in args.workloads.split(","):
+        f"{'step ms':>9} {'steps':>5} {'items/s':>9} {'mm peak':>8}", flush=True)
+  failed = 0
+  for name in names:
     for mode in args.modes.split(","):
       for layout in (args.layouts.split(",") if name in MODELS else ["-"]):
-        r = bench(name, mode, layout, args)
+        try:
+          r = bench(name, mode, layout, args)
+        except Exception as e:  # on a GPU, one row out of memory need not cost the others
+          if args.device == "cpu":
+            raise
+          failed += 1
+          print(f"{name:<9} {mode:<5} {layout:<13} failed: "
+                f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}",
+                flush=True)
+          torch._dynamo.reset()
+          torch.cuda.empty_cache()
+          continue
         print(f"{name:<9} {mode:<5} {layout:<13} {r['batch']:>5} {r['params']:>12,} "
               f"{r['median_s'] * 1e3:>9.2f} {r['steps']:>5} {r['batch'] / r['median_s']:>9.1f} "
               f"{r['peak'] / 1e9:>8.0f}  {r['note']}".rstrip(), flush=True)
+        if args.compile:
+          torch._dynamo.reset()  # the next row's model compiles afresh, the old graphs freed
+        if args.device == "cuda":
+          torch.cuda.empty_cache()
+  if failed:
+    sys.exit(1)
 
 
 if __name__ == "__main__":
