@@ -45,6 +45,8 @@ flags.DEFINE_integer("steps", 5, "Measured steps per run.")
 flags.DEFINE_integer("warmup_steps", 2, "Untimed steps per run.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 flags.DEFINE_enum("backend", None, ["cpu", "gpu", "tpu"], "JAX backend.")
+flags.DEFINE_enum("implementation", None, ["reference", "tuned"],
+                  "As run.py's flag; default: tuned on CPU, reference elsewhere.")
 flags.DEFINE_multi_string("override", [], "workload:field=value config override; repeatable.")
 flags.DEFINE_float("min_time_s", 2.0, "Measured time a run must fill; shorter runs are repeated "
                    "with more steps (at most --max_steps).")
@@ -116,7 +118,8 @@ def _print_header(env: dict) -> None:
         f"measured before each row; compile limit {FLAGS.max_compile_s:.0f} s; host: freed "
         f"memory kept or returned to the kernel (--host_memory={FLAGS.host_memory}), huge "
         f"pages {'asked for' if env['huge_pages'] else 'not asked for'}")
-  header = (f"{'workload':<9} {'mode':<5} {'batch':>5} {'compile s':>10} {'step ms':>9} "
+  header = (f"{'workload':<9} {'mode':<5} {'impl':<9} {'batch':>5} {'compile s':>10} "
+            f"{'step ms':>9} "
             f"{'p10-p90 ms':>15} {'steps':>5} {'throughput':>22} {'GFLOP/step':>10} "
             f"{'XLA GFLOP':>10} {'GFLOP/s':>8} {'peak':>6} {'MFU':>6} {'host':>8}")
   print(header)
@@ -161,7 +164,7 @@ def main(argv):
           workload=name, mode=mode, preset=FLAGS.preset, overrides=_overrides(name),
           batch_size=batches.get(name, FLAGS.batch_size), steps=FLAGS.steps,
           warmup_steps=FLAGS.warmup_steps, dtype=FLAGS.dtype, output_dir=None,
-          backend=FLAGS.backend, quiet=True)
+          backend=FLAGS.backend, quiet=True, implementation=FLAGS.implementation)
       peak = peaks.matmul_peak(devices[0], FLAGS.dtype)
       r = measure(spec)
       f = r["figures"]
@@ -172,7 +175,7 @@ def main(argv):
       if over:
         slow_compiles.append(f"{name} {mode}")
       throughput = f"{f['examples_per_s']:.1f} {r['example_unit']}/s"
-      print(f"{name:<9} {mode:<5} {r['config']['batch_size']:>5} "
+      print(f"{name:<9} {mode:<5} {r['implementation']:<9} {r['config']['batch_size']:>5} "
             f"{compile_s:>9.2f}{'!' if over else ' '} {t['median'] * 1e3:>9.2f} "
             f"{t['p10'] * 1e3:>7.2f}-{t['p90'] * 1e3:<7.2f} {len(f['step_times_s']):>5} "
             f"{throughput:>22} {flops / 1e9:>10.3f} {(f['flops_per_step'] or 0) / 1e9:>10.3f} "

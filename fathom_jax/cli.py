@@ -39,6 +39,10 @@ flags.DEFINE_integer("num_devices", None,
 flags.DEFINE_enum("execution", "compiled", ["compiled", "unfused", "eager"],
                   "How the step runs: compiled by XLA; compiled with XLA's fusion passes off "
                   "(each op its own kernel); or eager, dispatched op by op from Python.")
+flags.DEFINE_enum("implementation", None, ["reference", "tuned"],
+                  "The workloads as written (reference: flax.linen layers, autodiff), or rewritten "
+                  "where XLA's CPU backend measured faster (tuned: CPU only). Default: tuned on "
+                  "CPU, reference on GPU and TPU.")
 flags.DEFINE_enum("bad_samples", "fail", ["fail", "skip"],
                   "A damaged sample in a --data dataset (an image, a bAbI story, a WAV file, a "
                   "sentence pair): fail with an error naming it, or skip it and count it in the "
@@ -117,7 +121,8 @@ def specs_from_flags() -> list:
           seed=FLAGS.seed, dtype=FLAGS.dtype, data=FLAGS.data, output_dir=FLAGS.output_dir,
           backend=FLAGS.backend, num_devices=FLAGS.num_devices,
           allow_nonfinite=FLAGS.allow_nonfinite, profile=FLAGS.profile, quiet=FLAGS.quiet,
-          execution=FLAGS.execution, bad_samples=FLAGS.bad_samples)
+          execution=FLAGS.execution, bad_samples=FLAGS.bad_samples,
+          implementation=FLAGS.implementation)
       for name in registry.expand(FLAGS.workload) for mode in modes
   ]
 

@@ -22,3 +22,14 @@ def run_once(fn: Callable, *args, platform: Optional[str] = None, out_shardings=
   options = ONE_SHOT_COMPILER_OPTIONS.get(platform)
   compiled = jitted.lower(*args).compile(**({"compiler_options": options} if options else {}))
   return compiled(*args)
+
+
+def combined(*options: dict) -> dict:
+  """XLA compile options merged; lists of disabled passes are joined, not overwritten."""
+  merged: dict = {}
+  for option in options:
+    for key, value in option.items():
+      if key == "xla_disable_hlo_passes" and merged.get(key):
+        value = ",".join(dict.fromkeys(merged[key].split(",") + value.split(",")))
+      merged[key] = value
+  return merged

@@ -20,7 +20,8 @@ from fathom_jax import config as config_lib
 from fathom_jax import data as data_lib
 from fathom_jax import environment, results, scopes
 from fathom_jax.errors import RunFailed, UsageError
-from fathom_jax.workloads import base, layers, registry
+from fathom_jax import tuned
+from fathom_jax.workloads import base, registry
 
 MODES = ("train", "infer")
 DTYPES = ("float32", "bfloat16")
@@ -54,6 +55,7 @@ class RunSpec:
   execution: str = "compiled"  # one of EXECUTIONS
   bad_samples: str = "fail"  # a damaged sample in a real dataset: 'fail', or 'skip' and count it
   quiet: bool = False  # no progress lines
+  implementation: Optional[str] = None  # 'reference' or 'tuned'; default: tuned.default(platform)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,37 +83,6 @@ def count_parameters(model: base.Model, batch_size: int = 1) -> int:
   return int(sum(np.prod(p.shape) for p in jax.tree.leaves(params)))
 
 
-# Parameters of at least this many bytes in all: the train step orders every update after the
-# backward pass (`after_backward`). Below it, a copy of the parameters costs less than the
-# overlap of updates with the backward pass that the ordering gives up (deepq, 7 MB: 0.94x).
-ORDERED_UPDATES_MIN_BYTES = 64 << 20
-
-
-def after_backward(grads):
-  """`grads` unchanged, on CPU each leaf now computed after all of them, where parameters are
-  large.
-
-  A donated parameter is updated in place, so the backward pass's reads of its old value must
-  come first. Nothing orders a layer's input gradient, which reads its kernel, before the
-  kernel's update, so XLA copied each such parameter every step (VGG-19: 575 MB). Adding to
-  every leaf a zero that depends on all of them puts each update after the whole backward pass.
-  The zero is a finite number times -0.0, which XLA cannot fold (it does not know the number is
-  finite); x + -0.0 is x for every x. It is written out once, so that no update's fusion
-  computes it again for each element.
-  """
-  leaves = jax.tree.leaves(grads)
-  if len(leaves) < 2 or sum(g.size * g.dtype.itemsize for g in leaves) < ORDERED_UPDATES_MIN_BYTES:
-    return grads
-
-  def ordered(grads):
-    anchor = sum(g.ravel()[0].astype(jnp.float32) for g in jax.tree.leaves(grads) if g.size)
-    zero = layers.materialize(jnp.abs(jnp.where(jnp.isfinite(anchor), anchor, 0.0)) * -0.0,
-                              anchor)
-    return jax.tree.map(lambda g: g + zero.astype(g.dtype), grads)
-
-  return jax.lax.platform_dependent(grads, cpu=ordered, default=lambda g: g)
-
-
 def make_train_step(model: base.Model) -> Callable:
   """(state, batch) -> (state, metrics): loss, gradients and the optax update in one function."""
 
@@ -125,7 +96,8 @@ def make_train_step(model: base.Model) -> Callable:
       return loss, (updates, metrics)
 
     (loss, (updates, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    grads = after_backward(grads)
+    if model.before_update is not None:
+      grads = model.before_update(grads)
     with jax.named_scope(scopes.OPTIMIZATION):
       param_updates, opt_state = model.optimizer.update(grads, state["opt_state"], state["params"])
       params = optax.apply_updates(state["params"], param_updates)
@@ -162,6 +134,7 @@ class Resolved:
   model: base.Model
   source: Any
   batch_size: int
+  implementation: str
 
 
 def resolve(spec: RunSpec) -> Resolved:
@@ -196,11 +169,14 @@ def resolve(spec: RunSpec) -> Resolved:
     if not os.path.exists(spec.data):
       raise UsageError(f"--data path does not exist: {spec.data}")
     source, config = workload.load_data(config, spec.data, bad_samples=spec.bad_samples)
-  model = workload.build(config, spec.dtype)
+  platform = environment.select_devices(spec.backend)[0].platform
+  implementation = tuned.choose(spec.implementation, platform)
+  model = (tuned.build(workload, config, spec.dtype) if implementation == "tuned"
+           else workload.build(config, spec.dtype))
   if source is None:
     source = (workload.default_source(config, model) if workload.default_source
               else data_lib.SyntheticSource(model.synthetic_batch))
-  return Resolved(workload, config, model, source, config.batch_size)
+  return Resolved(workload, config, model, source, config.batch_size, implementation)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,6 +349,7 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
       "workload": spec.workload,
       "mode": spec.mode,
       "preset": spec.preset,
+      "implementation": resolved.implementation,
       "spec": dataclasses.asdict(spec),
       "config": config_lib.to_dict(resolved.config),
       "example_unit": resolved.workload.example_unit,
@@ -617,7 +594,7 @@ def compile_options(execution: str, model_options=None) -> dict:
   mode, and for unfused runs the fusion passes turned off."""
   options = dict(model_options or {})
   if execution == "unfused":
-    options = layers.combined(options, {"xla_disable_hlo_passes": ",".join(FUSION_PASSES)})
+    options = compiling.combined(options, {"xla_disable_hlo_passes": ",".join(FUSION_PASSES)})
   return {"compiler_options": options} if options else {}
 
 
@@ -653,7 +630,7 @@ def format_summary(record: dict) -> str:
   lines = [
       f"== {record['workload']} {record['mode']} ({record['preset']}, batch "
       f"{record['config']['batch_size']}, {record['spec']['dtype']}, "
-      f"{record['environment']['backend']}) ==",
+      f"{record['environment']['backend']}, {record.get('implementation', 'tuned')}) ==",
       f"  compile      {f['lower_time_s'] + f['compile_time_s']:.2f} s "
       f"(lower {f['lower_time_s']:.2f} s, compile {f['compile_time_s']:.2f} s)",
       f"  step time    median {t['median'] * 1e3:.2f} ms  p10 {t['p10'] * 1e3:.2f} ms  "

@@ -36,6 +36,9 @@ def test_tiny_run_writes_valid_result(tmp_path):
   assert set(by_key) == {(w, m) for w in ("memnet", "autoenc") for m in ("train", "infer")}
   train = by_key[("memnet", "train")]
   assert train["schema_version"] == 1 and train["status"] == "completed"
+  # The CPU runs the tuned implementation unless told otherwise, and says so.
+  assert {r["implementation"] for r in records} == {"tuned"}
+  assert proc.stdout.count(", cpu, tuned) ==") == 4
   assert train["config"]["batch_size"] == 8 and train["spec"]["seed"] == 7
   assert train["environment"]["backend"] == "cpu" and train["environment"]["jax"]
   assert train["environment"]["host_memory_reused"] is False  # auto: small steps
@@ -52,12 +55,13 @@ def test_tiny_run_writes_valid_result(tmp_path):
 def test_flagfile_and_batch_size(tmp_path):
   flagfile = tmp_path / "flags.txt"
   flagfile.write_text(f"--workload=autoenc\n--preset=tiny\n--steps=2\n--batch_size=5\n"
-                      f"--output_dir={tmp_path / 'runs'}\n--quiet\n--host_memory=keep\n")
+                      f"--output_dir={tmp_path / 'runs'}\n--quiet\n--host_memory=keep\n"
+                      "--implementation=reference\n")
   proc = run_cli(f"--flagfile={flagfile}")
   assert proc.returncode == 0, proc.stderr
   (run_dir,) = os.listdir(tmp_path / "runs")
   record = json.load(open(tmp_path / "runs" / run_dir / "result.json"))
-  assert record["config"]["batch_size"] == 5
+  assert record["config"]["batch_size"] == 5 and record["implementation"] == "reference"
   assert "warm-up" not in proc.stdout  # --quiet keeps only the summary
   assert record["environment"]["host_memory_reused"] is sys.platform.startswith("linux")
 
@@ -103,6 +107,7 @@ def test_paper_size_image_runs_keep_freed_host_memory(tmp_path):
     (["--workload=memnet", "--bad_samples=ignore"], "--bad_samples"),
     (["--workload=memnet", "--preset="], "unknown preset ''"),
     (["--workload=memnet", "--host_memory=hoard"], "--host_memory"),
+    (["--workload=memnet", "--implementation=fast"], "--implementation"),
     (["--workload=resnet", "--host_memory=auto"], "unknown workload 'resnet'"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, args, message):

@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from fathom_jax import compiling
 from fathom_jax.analysis import categories, hlo
-from fathom_jax.workloads import layers
+from fathom_jax.tuned import layers
 
 
 def _grads(f, *args):
@@ -311,7 +312,7 @@ def test_runner_merges_model_options_with_its_own():
   merged = runner.compile_options("unfused", layers.PLAIN_REDUCTIONS)["compiler_options"]
   passes = merged["xla_disable_hlo_passes"].split(",")
   assert "tree_reduction_rewriter" in passes and set(runner.FUSION_PASSES) <= set(passes)
-  twice = layers.combined(layers.PLAIN_REDUCTIONS, layers.PLAIN_REDUCTIONS)
+  twice = compiling.combined(layers.PLAIN_REDUCTIONS, layers.PLAIN_REDUCTIONS)
   assert twice == layers.PLAIN_REDUCTIONS
 
 
@@ -320,7 +321,7 @@ def test_plain_reductions_leave_a_long_sum_one_reduction():
   lowered = jax.jit(lambda x: jax.nn.logsumexp(x, axis=-1)).lower(x)
   by_xla = layers.ynnpack("dot")  # reductions compiled by XLA, as in seq2seq's train step
   tree = lowered.compile(by_xla)
-  plain = lowered.compile(layers.combined(by_xla, layers.PLAIN_REDUCTIONS))
+  plain = lowered.compile(compiling.combined(by_xla, layers.PLAIN_REDUCTIONS))
   assert "reduce-window(" in tree.as_text() and "reduce-window(" not in plain.as_text()
   _close(plain(x), tree(x), 1e-6)
 

@@ -14,15 +14,16 @@ import json, sys
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
 from fathom_jax import runner
+from fathom_jax.tuned import updates
 out = {}
-default_min_bytes = runner.ORDERED_UPDATES_MIN_BYTES
+default_min_bytes = updates.ORDERED_UPDATES_MIN_BYTES
 for workload in sys.argv[1].split(","):
   for n, ordered in ((1, ""), (4, ""), (4, "/ordered")):
-    runner.ORDERED_UPDATES_MIN_BYTES = 0 if ordered else default_min_bytes
+    updates.ORDERED_UPDATES_MIN_BYTES = 0 if ordered else default_min_bytes
     spec = runner.RunSpec(workload, preset="tiny", batch_size=8, steps=3, warmup_steps=0,
                           output_dir=None, quiet=True, num_devices=n)
     out[f"{workload}/{n}{ordered}"] = runner.execute(spec)["figures"]["losses"]
-runner.ORDERED_UPDATES_MIN_BYTES = default_min_bytes
+updates.ORDERED_UPDATES_MIN_BYTES = default_min_bytes
 res = runner.resolve(runner.RunSpec("memnet", batch_size=8))
 placement = runner.make_placement(jax.devices(), 2, 8)
 batch = runner.place_batch(next(res.source.batches(8, seed=0, train=True)), placement)

@@ -5,6 +5,7 @@ import pytest
 
 from fathom_jax import runner
 from fathom_jax.errors import DataError, UsageError
+from fathom_jax.tuned import seq2seq as tuned_seq2seq
 from fathom_jax.workloads import seq2seq
 from tests import workload_checks as checks
 
@@ -355,13 +356,13 @@ def test_lstm_layer_gradient_matches_autodiff_of_its_scan():
       return sum((a * p).sum() for a, p in zip((c, h, states), probes))
     return f
 
-  want = jax.grad(loss(lambda *a: seq2seq._lstm_scan(*a)[0]), (0, 1))(projected, recurrent)
-  got = jax.jit(jax.grad(loss(seq2seq.lstm_layer), (0, 1)))(projected, recurrent)
+  want = jax.grad(loss(lambda *a: seq2seq.lstm_scan(*a)[0]), (0, 1))(projected, recurrent)
+  got = jax.jit(jax.grad(loss(tuned_seq2seq.lstm_layer), (0, 1)))(projected, recurrent)
   for a, b in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
   assert np.abs(np.asarray(got[1])).sum() > 0
   # The first two steps of the last sentence are padding: the state passes through them.
-  (_, _), states = seq2seq.lstm_layer(projected, valid, recurrent)
+  (_, _), states = tuned_seq2seq.lstm_layer(projected, valid, recurrent)
   np.testing.assert_array_equal(states[:5, 2], 0)
 
 
@@ -391,8 +392,8 @@ def test_teacher_forced_decoder_gradient_matches_autodiff_of_its_scan():
     return f
 
   args = (w, memory, keys, finals, gates)
-  want = jax.grad(loss(lambda *a: seq2seq._teacher_forced_scan(*a)[0]), range(5))(*args)
-  got = jax.jit(jax.grad(loss(seq2seq.teacher_forced_decode), range(5)))(*args)
+  want = jax.grad(loss(lambda *a: seq2seq.teacher_forced_scan(*a)[0]), range(5))(*args)
+  got = jax.jit(jax.grad(loss(tuned_seq2seq.teacher_forced), range(5)))(*args)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.shape == b.shape
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4,

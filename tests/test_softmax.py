@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from fathom_jax.workloads import softmax
+from fathom_jax.tuned import softmax
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 11), (2, 4, 50)])

@@ -9,6 +9,7 @@ import pytest
 
 from fathom_jax import audio, runner
 from fathom_jax.errors import DataError, UsageError
+from fathom_jax.tuned import speech as tuned_speech
 from fathom_jax.workloads import speech
 from tests import workload_checks as checks
 
@@ -95,16 +96,22 @@ def test_bfloat16_trains(optimizer):
   assert np.isfinite(losses).all() and losses[-1] < losses[0]
 
 
-def test_bidirectional_rnn_matches_a_loop():
+BIDIRECTIONAL = pytest.mark.parametrize(
+    "bidirectional_rnn", [speech.bidirectional_rnn, tuned_speech.bidirectional_rnn],
+    ids=["reference", "tuned"])
+
+
+@BIDIRECTIONAL
+def test_bidirectional_rnn_matches_a_loop(bidirectional_rnn):
   rng = np.random.default_rng(0)
   B, T, H, clip = 2, 6, 3, 1.5
   x = rng.normal(size=(B, T, H))
   lengths = [6, 4]
   forward, backward = rng.normal(size=(2, H, H))
   valid = np.arange(T)[None, :] < np.asarray(lengths)[:, None]
-  got = np.asarray(speech.bidirectional_rnn(jnp.asarray(x, jnp.float32), jnp.asarray(valid),
-                                            jnp.asarray(forward, jnp.float32),
-                                            jnp.asarray(backward, jnp.float32), clip))
+  got = np.asarray(bidirectional_rnn(jnp.asarray(x, jnp.float32), jnp.asarray(valid),
+                                     jnp.asarray(forward, jnp.float32),
+                                     jnp.asarray(backward, jnp.float32), clip))
   g = lambda v: np.minimum(np.maximum(v, 0), clip)
   want = np.zeros((B, T, H))
   for b, n in enumerate(lengths):
@@ -119,9 +126,10 @@ def test_bidirectional_rnn_matches_a_loop():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_bidirectional_rnn_gradient_matches_autodiff_of_a_loop():
-  """The hand-written backward pass (dU as one matmul after the loop) against jax.grad of a
-  Python loop over frames."""
+@BIDIRECTIONAL
+def test_bidirectional_rnn_gradient_matches_autodiff_of_a_loop(bidirectional_rnn):
+  """The scans' gradients (the tuned one's backward pass written out, dU as one matmul after the
+  loop) against jax.grad of a Python loop over frames."""
   rng = np.random.default_rng(1)
   B, T, H, clip = 3, 6, 4, 1.0
   x = jnp.asarray(rng.normal(size=(B, T, H)), jnp.float32)
@@ -145,7 +153,7 @@ def test_bidirectional_rnn_gradient_matches_autodiff_of_a_loop():
       total = total + (jnp.stack(outs) * weights[b]).sum()
     return total
 
-  fast = lambda x, f, bw: (speech.bidirectional_rnn(x, valid, f, bw, clip) * weights).sum()
+  fast = lambda x, f, bw: (bidirectional_rnn(x, valid, f, bw, clip) * weights).sum()
   want = jax.grad(loop, (0, 1, 2))(x, forward, backward)
   got = jax.jit(jax.grad(fast, (0, 1, 2)))(x, forward, backward)
   for a, b in zip(got, want):

@@ -9,7 +9,9 @@ import pytest
 
 from fathom_jax import runner
 from fathom_jax.errors import UsageError
-from fathom_jax.workloads import alexnet, layers, residual, vgg, vision
+from fathom_jax.tuned import alexnet as tuned_alexnet
+from fathom_jax.tuned import layers
+from fathom_jax.workloads import alexnet, vision
 from tests import workload_checks as checks
 
 
@@ -172,9 +174,11 @@ def test_adaptive_pool_matches_bin_averages():
                              x[:, :4, :4].reshape(2, 2, 2, 2, 2, 3).mean((2, 4)), rtol=1e-5)
 
 
-def test_local_response_norm_formula():
+@pytest.mark.parametrize("lrn", [alexnet.local_response_norm, tuned_alexnet.local_response_norm],
+                         ids=["reference", "tuned"])
+def test_local_response_norm_formula(lrn):
   x = np.random.default_rng(1).normal(size=(1, 2, 2, 7)).astype(np.float32)
-  out = np.asarray(alexnet.local_response_norm(jnp.asarray(x), 5, 2.0, 1e-4, 0.75))
+  out = np.asarray(lrn(jnp.asarray(x), 5, 2.0, 1e-4, 0.75))
   for c in range(7):
     window = (x[..., max(0, c - 2):c + 3] ** 2).sum(-1)
     np.testing.assert_allclose(out[..., c], x[..., c] / (2.0 + 1e-4 * window) ** 0.75, rtol=1e-5)
@@ -190,7 +194,7 @@ def test_local_response_norm_gradient_matches_autodiff():
   x = jax.random.normal(jax.random.key(0), (2, 3, 3, 9)) * 30  # large enough that t moves
   cotangent = jax.random.normal(jax.random.key(1), x.shape)
   expected = jax.vjp(_plain_lrn, x)[1](cotangent)[0]
-  ours = lambda x, *r: alexnet.local_response_norm(x, 5, 2.0, 1e-4, 0.75, *r)
+  ours = lambda x, *r: tuned_alexnet.local_response_norm(x, 5, 2.0, 1e-4, 0.75, *r)
   np.testing.assert_allclose(jax.vjp(ours, x)[1](cotangent)[0], expected, rtol=1e-5, atol=1e-6)
   # With a run-time scalar (a jit argument, so XLA keeps the conditional): the same gradient.
   written = jax.jit(lambda x, r: jax.vjp(lambda x: ours(x, r), x)[1](cotangent)[0])
@@ -203,7 +207,7 @@ def test_local_response_norm_writes_a_pool_gradient_out_once():
   x = jax.ShapeDtypeStruct((2, 15, 15, 8), jnp.float32)
   def full_size_fusions(*lrn_scalar):
     def loss(x, pool_scalar, *lrn_scalar):
-      y = alexnet.local_response_norm(x, 5, 2.0, 1e-4, 0.75, *lrn_scalar)
+      y = tuned_alexnet.local_response_norm(x, 5, 2.0, 1e-4, 0.75, *lrn_scalar)
       return (layers.max_pool(y, 3, 2, replicated=pool_scalar) ** 2).sum()
     text = jax.jit(jax.grad(loss)).trace(x, jnp.float32(1), *lrn_scalar).lower().compile().as_text()
     entry = text[text.index("ENTRY"):]
@@ -264,7 +268,8 @@ def test_residual_stage_layout_changes_no_result():
   # this size amplifies rounding, and single elements differ more). ResNet-18: the same stages
   # as ResNet-50, fewer layers to compile.
   def first_step(stages):
-    _, model = checks.build("residual", depth=18, channels_first_stages=stages)
+    _, model = checks.build("residual", implementation="tuned", depth=18,
+                            channels_first_stages=stages)
     batch = checks.synthetic_batch(model, 1, 8)
     init, step = jitted(model)
     state = init(key(0, "rbg"), batch)

@@ -10,7 +10,7 @@ import pytest
 
 from fathom_jax import runner
 from fathom_jax.analysis import categories, hlo
-from fathom_jax.workloads import winograd
+from fathom_jax.tuned import winograd
 from tests import workload_checks as checks
 
 SAME = ((1, 1), (1, 1))
@@ -117,7 +117,8 @@ def test_breakdown_files_winograd_under_convolution():
 def _train(name, enabled, steps, **changes):
   """Losses of `steps` train steps, the first step's parameter update, and the number of
   convolutions in the compiled step, at widths (64-128 channels) where Winograd takes over."""
-  _, model = checks.build(name, base_width=16, winograd=enabled, **changes)
+  _, model = checks.build(name, implementation="tuned", base_width=16, winograd=enabled,
+                          **changes)
   batch = checks.synthetic_batch(model, 1, 4)
   state = checks.init_train_state(model, jax.random.key(0), batch)
   step = jax.jit(runner.make_train_step(model)).lower(state, batch).compile()

@@ -7,15 +7,19 @@ import numpy as np
 
 from fathom_jax import compiling
 from fathom_jax import config as config_lib
-from fathom_jax import runner
+from fathom_jax import runner, tuned
 from fathom_jax.workloads import registry
 
 
-def build(name: str, preset: str = "tiny", dtype: str = "float32", **changes):
+def build(name: str, preset: str = "tiny", dtype: str = "float32",
+          implementation: str = "reference", **changes):
+  """(config, model) of a workload's preset with `changes`, in either implementation."""
   workload = registry.get(name)
   config = workload.presets[preset]
   if changes:
     config = config_lib.replace(config, **changes)
+  if implementation == "tuned":
+    return config, tuned.build(workload, config, dtype)
   return config, workload.build(config, dtype)
 
 

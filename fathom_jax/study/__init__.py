@@ -51,6 +51,7 @@ class Settings:
   device_workloads: tuple[str, ...] = ()
   device_counts: tuple[int, ...] = ()
   device_batch: dict = dataclasses.field(default_factory=dict)  # workload -> global batch
+  implementation: Optional[str] = None  # every run's; None: run.py's default for the backend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,8 @@ class Point:
             "--quiet", f"--execution={self.execution}"]
     if settings.backend:
       args.append(f"--backend={settings.backend}")
+    if settings.implementation:
+      args.append(f"--implementation={settings.implementation}")
     if self.cpus is not None:
       args.append(f"--cpus={self.cpus}")
     if self.devices is not None:

@@ -17,6 +17,9 @@ flags.DEFINE_string("preset", "tiny", "Size preset of every run.")
 flags.DEFINE_integer("steps", 5, "Measured (and as many profiled) steps per run.")
 flags.DEFINE_integer("warmup_steps", 2, "Untimed steps per run.")
 flags.DEFINE_enum("backend", None, ["cpu", "gpu", "tpu"], "JAX backend of every run.")
+flags.DEFINE_enum("implementation", None, ["reference", "tuned"],
+                  "Implementation of every run (run.py's --implementation); default: tuned on "
+                  "CPU, reference on GPU and TPU.")
 flags.DEFINE_string("fusion_workloads", "all",
                     "Workloads whose train step also runs unfused and eagerly ('none' to skip).")
 flags.DEFINE_string("thread_workloads", "all",
@@ -74,6 +77,7 @@ def settings_from_flags() -> study.Settings:
   return study.Settings(
       workloads=tuple(suite), preset=FLAGS.preset, steps=FLAGS.steps,
       warmup_steps=FLAGS.warmup_steps, backend=FLAGS.backend,
+      implementation=FLAGS.implementation,
       fusion_workloads=_subset(FLAGS.fusion_workloads, suite, "fusion_workloads"),
       thread_workloads=_subset(FLAGS.thread_workloads, suite, "thread_workloads"),
       thread_counts=threads, device_workloads=device_workloads, device_counts=devices,

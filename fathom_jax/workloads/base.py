@@ -28,6 +28,8 @@ class Model:
   synthetic_batch(rng, batch_size) -> batch with the real data's shapes, dtypes and value ranges.
   on_update(variables, step) -> variables: optional hook run inside the jitted train step after
     the optimizer update (e.g. copying DQN's target network every N updates).
+  before_update(grads) -> grads: optional, the gradients as the optimizer gets them (the tuned
+    implementation orders the updates after the backward pass with it; the values are the same).
   compiler_options: XLA options for the compiled steps, by (platform, mode), e.g.
     {("cpu", "train"): {...}}: where a backend's default lowering of the model's ops measured
     slower (benchmarks/NOTES.md). They change how ops are computed, never what.
@@ -38,6 +40,7 @@ class Model:
   optimizer: optax.GradientTransformation
   synthetic_batch: Callable[[jax.Array, int], Batch]
   on_update: Optional[Callable[[Variables, jax.Array], Variables]] = None
+  before_update: Optional[Callable[[Any], Any]] = None
   compiler_options: Mapping[tuple[str, str], Mapping[str, Any]] = dataclasses.field(
       default_factory=dict, hash=False, compare=False)
 

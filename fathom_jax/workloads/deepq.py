@@ -24,7 +24,7 @@ from fathom_jax import atari
 from fathom_jax import config as config_lib
 from fathom_jax.errors import UsageError
 from fathom_jax.replay import ReplayMemory
-from fathom_jax.workloads import base, layers
+from fathom_jax.workloads import base
 
 TARGET = "target"  # variables collection that holds the target network's parameters
 
@@ -159,8 +159,7 @@ def build(config: Config, dtype: str) -> base.Model:
   return base.Model(
       init=init, apply=apply, loss=lambda out, batch: huber_td_loss(config, out, batch),
       optimizer=rmsprop(config), synthetic_batch=lambda rng, n: synthetic_batch(config, rng, n),
-      on_update=lambda variables, step: copy_target(config.target_update_every, variables, step),
-      compiler_options={("cpu", "train"): layers.EIGEN_CONVOLUTIONS})
+      on_update=lambda variables, step: copy_target(config.target_update_every, variables, step))
 
 
 # --- acting: the environment as the data source ----------------------------------------------

@@ -20,7 +20,7 @@ import optax
 from fathom_jax import config as config_lib
 from fathom_jax import data as data_lib
 from fathom_jax.errors import DataError
-from fathom_jax.workloads import base, layers, softmax
+from fathom_jax.workloads import base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +80,11 @@ class MemN2N(nn.Module):
     return jnp.einsum("bd,vd->bv", u, embeddings[c.hops])
 
 
-def cross_entropy(logits, batch):
-  loss = softmax.cross_entropy(logits.astype(jnp.float32), batch["answer"]).mean()
-  accuracy = (softmax.argmax(logits) == batch["answer"]).mean()
+def cross_entropy(logits, batch, *,
+                  per_example=optax.softmax_cross_entropy_with_integer_labels,
+                  argmax=lambda x: jnp.argmax(x, -1)):
+  loss = per_example(logits.astype(jnp.float32), batch["answer"]).mean()
+  accuracy = (argmax(logits) == batch["answer"]).mean()
   return loss, {"accuracy": accuracy}
 
 
@@ -113,11 +115,8 @@ def build(config: Config, dtype: str) -> base.Model:
 
   optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                           optax.adam(config.learning_rate))
-  # YNNPACK's reductions (the position-weighted sums of word vectors) were the slower ones.
-  options = layers.ynnpack("convolution", "dot")
   return base.Model(init=init, apply=apply, loss=cross_entropy, optimizer=optimizer,
-                    synthetic_batch=lambda rng, n: synthetic_batch(config, rng, n),
-                    compiler_options={("cpu", "train"): options, ("cpu", "infer"): options})
+                    synthetic_batch=lambda rng, n: synthetic_batch(config, rng, n))
 
 
 # --- bAbI task files -------------------------------------------------------------------------

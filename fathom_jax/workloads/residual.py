@@ -17,7 +17,9 @@ import jax.numpy as jnp
 
 from fathom_jax import config as config_lib
 from fathom_jax.errors import UsageError
-from fathom_jax.workloads import base, layers, vision
+from fathom_jax.workloads import base, vision
+
+ModuleDef = Any
 
 nonneg = config_lib.nonneg
 
@@ -48,10 +50,11 @@ class Config:
   lr_batch_size: int = 256  # SGD's rate scales linearly with batch_size / lr_batch_size
   momentum: float = nonneg(0.9)
   weight_decay: float = nonneg(1e-4)
-  winograd: bool = True  # 3x3 stride-1 convolutions by Winograd's algorithm on CPU, where it pays
-  # Stages (0-3) whose activations the train step stores CHWN, not NHWC: each 1x1 kernel
-  # gradient then contracts two operands contiguous along the pixels (`layers.conv2d`). Same
-  # parameters and arithmetic. Inference keeps NHWC, whose forward products ran faster.
+  # Read by the tuned implementation only (fathom_jax.tuned): 3x3 stride-1 convolutions by
+  # Winograd's algorithm where it pays; the stages (0-3) whose activations the train step stores
+  # CHWN, not NHWC, so that each 1x1 kernel gradient contracts two operands contiguous along the
+  # pixels (same parameters and arithmetic; inference keeps NHWC, whose products ran faster).
+  winograd: bool = True
   channels_first_stages: tuple[int, ...] = nonneg((0, 1, 2))
 
   def check(self):
@@ -80,17 +83,15 @@ class BasicBlock(nn.Module):
   """Two 3x3 convolutions (ResNet-18/34)."""
   width: int
   stride: int
-  conv: Any
-  norm: Any
-  channel_axis: int  # 0 for CHWN activations, -1 for NHWC
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
   def __call__(self, x):
     s = self.stride
-    y = bn_relu(self.norm, self.conv(self.width, (3, 3), (s, s), [(1, 1), (1, 1)])(x))
-    bn = self.norm()
-    y = bn(self.conv(self.width, (3, 3), (1, 1), [(1, 1), (1, 1)])(y))
-    return relu(y + shortcut(x, self.width, s, self.conv, self.norm, self.channel_axis), bn)
+    y = nn.relu(self.norm()(self.conv(self.width, (3, 3), (s, s), [(1, 1), (1, 1)])(x)))
+    y = self.norm()(self.conv(self.width, (3, 3), (1, 1), [(1, 1), (1, 1)])(y))
+    return nn.relu(y + shortcut(x, self.width, s, self.conv, self.norm))
 
 
 class Bottleneck(nn.Module):
@@ -98,98 +99,57 @@ class Bottleneck(nn.Module):
   width: int
   stride: int
   stride_in_3x3: bool
-  conv: Any
-  norm: Any
-  channel_axis: int  # 0 for CHWN activations, -1 for NHWC
+  conv: ModuleDef
+  norm: ModuleDef
 
   @nn.compact
   def __call__(self, x):
     s = self.stride
     s1, s3 = (1, s) if self.stride_in_3x3 else (s, 1)
-    y = bn_relu(self.norm, self.conv(self.width, (1, 1), (s1, s1), "VALID")(x))
-    y = bn_relu(self.norm, self.conv(self.width, (3, 3), (s3, s3), [(1, 1), (1, 1)])(y))
-    bn = self.norm()
-    y = bn(self.conv(4 * self.width, (1, 1), (1, 1), "VALID")(y))
-    return relu(y + shortcut(x, 4 * self.width, s, self.conv, self.norm, self.channel_axis),
-                bn)
+    y = nn.relu(self.norm()(self.conv(self.width, (1, 1), (s1, s1), "VALID")(x)))
+    y = nn.relu(self.norm()(self.conv(self.width, (3, 3), (s3, s3), [(1, 1), (1, 1)])(y)))
+    y = self.norm()(self.conv(4 * self.width, (1, 1), (1, 1), "VALID")(y))
+    return nn.relu(y + shortcut(x, 4 * self.width, s, self.conv, self.norm))
 
 
-def relu(x, bn):
-  """nn.relu(x), written to memory once on CPU (`layers.materialize`)."""
-  return layers.materialize(nn.relu(x), layers.param_element(bn, "scale"))
-
-
-def bn_relu(norm, x):
-  bn = norm()
-  return relu(bn(x), bn)
-
-
-def shortcut(x, features: int, stride: int, conv, norm, channel_axis: int):
+def shortcut(x, features: int, stride: int, conv: ModuleDef, norm: ModuleDef):
   """Identity where shapes agree, else a strided 1x1 projection with batch norm."""
-  if stride == 1 and x.shape[channel_axis] == features:
+  if stride == 1 and x.shape[-1] == features:
     return x
   return norm()(conv(features, (1, 1), (stride, stride), "VALID")(x))
 
 
 class ResNet(nn.Module):
   config: Config
-  dtype: jnp.dtype = jnp.float32
+  dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  norm: ModuleDef = nn.BatchNorm
 
   @nn.compact
   def __call__(self, images, train: bool):
     c = self.config
-    base_conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype,
-                                  kernel_init=vision.CONV_INIT, winograd=c.winograd)
-    base_norm = functools.partial(layers.BatchNorm, use_running_average=not train,
-                                  momentum=c.bn_momentum, epsilon=c.bn_epsilon, dtype=self.dtype)
+    conv = functools.partial(self.conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=vision.CONV_INIT)
+    norm = functools.partial(self.norm, use_running_average=not train, momentum=c.bn_momentum,
+                             epsilon=c.bn_epsilon, dtype=self.dtype)
     bottleneck, stages = DEPTHS[c.depth]
     x = images.astype(self.dtype)
-    stem_bn = base_norm()
-    x = relu(stem_bn(base_conv(c.base_width, (7, 7), (2, 2), [(3, 3), (3, 3)])(x)), stem_bn)
-    x = layers.max_pool(x, 3, 2, 1, replicated=layers.param_element(stem_bn, "scale"))
-    first = False
+    x = nn.relu(norm()(conv(c.base_width, (7, 7), (2, 2), [(3, 3), (3, 3)])(x)))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     for i, blocks in enumerate(stages):
-      if (train and i in c.channels_first_stages) != first:
-        first = not first
-        # NHWC <-> CHWN, each side written out whole
-        x = layers.relayout(x, (3, 1, 2, 0), layers.param_element(stem_bn, "scale"))
-      channel_axis = 0 if first else -1
-      conv = functools.partial(base_conv, channels_first=first)
-      norm = functools.partial(base_norm, axis=channel_axis)
       for j in range(blocks):
         stride = 2 if i > 0 and j == 0 else 1
         width = c.base_width * 2**i
         if bottleneck:
-          x = Bottleneck(width, stride, c.stride_in_3x3, conv, norm, channel_axis)(x)
+          x = Bottleneck(width, stride, c.stride_in_3x3, conv, norm)(x)
         else:
-          x = BasicBlock(width, stride, conv, norm, channel_axis)(x)
-    x = x.mean(axis=(1, 2))  # (batch, channels), or (channels, batch) from CHWN
-    if first:
-      x = x.T
+          x = BasicBlock(width, stride, conv, norm)(x)
+    x = x.mean(axis=(1, 2))
     return nn.Dense(c.num_classes, dtype=self.dtype)(x)
 
 
 def build(config: Config, dtype: str) -> base.Model:
-  module = ResNet(config, jnp.dtype(dtype))
-
-  def init(rng, batch):
-    return module.init(rng, batch["images"], train=False)
-
-  def apply(variables, batch, *, train, rng):
-    del rng  # no dropout or sampling
-    if train:
-      logits, updates = module.apply(variables, batch["images"], train=True,
-                                     mutable=["batch_stats"])
-      return logits, dict(updates)
-    return module.apply(variables, batch["images"], train=False), {}
-
-  return base.Model(
-      init=init, apply=apply, loss=vision.cross_entropy,
-      optimizer=vision.make_optimizer(config),
-      synthetic_batch=lambda rng, n: vision.synthetic_batch(
-          config.image_size, config.num_classes, rng, n),
-      compiler_options={("cpu", "train"): layers.EIGEN_CONVOLUTIONS,
-                        ("cpu", "infer"): layers.EIGEN_CONVOLUTIONS})
+  return vision.build_classifier(ResNet(config, jnp.dtype(dtype)), config)
 
 
 WORKLOAD = base.Workload(

@@ -36,6 +36,7 @@ import dataclasses
 import functools
 import os
 import re
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -47,7 +48,7 @@ from fathom_jax import config as config_lib
 from fathom_jax import data as data_lib
 from fathom_jax import scopes
 from fathom_jax.errors import DataError, UsageError
-from fathom_jax.workloads import base, layers, softmax
+from fathom_jax.workloads import base
 
 BUCKETS = ((5, 10), (10, 15), (20, 25), (40, 50))
 PAD, GO, EOS, UNK = 0, 1, 2, 3
@@ -138,7 +139,7 @@ def lstm_gates(z, c):
   return c, nn.sigmoid(o) * jnp.tanh(c).astype(z.dtype)
 
 
-def _lstm_scan(projected, valid, recurrent):
+def lstm_scan(projected, valid, recurrent):
   """One LSTM layer over time from the zero state: projected [S, B, 4H] (the input's share of
   the gates, bias included), valid [S, B, 1], recurrent [H, 4H]. A step that is not valid leaves
   the state as it was. Returns (final (c, h), states [S, B, H]) and, for the backward pass,
@@ -158,43 +159,12 @@ def _lstm_scan(projected, valid, recurrent):
   return (final, states), (zs, cs, hs)
 
 
-# Autodiff of the scan would add each step's h^T dz into the recurrent matrix's gradient inside
-# the loop; the backward pass below keeps dz @ R^T in the loop and forms dR as one matmul over
-# all steps afterwards.
-@jax.custom_vjp
 def lstm_layer(projected, valid, recurrent):
-  """`_lstm_scan`'s (final (c, h), states [S, B, H])."""
-  return _lstm_scan(projected, valid, recurrent)[0]
+  """`lstm_scan`'s (final (c, h), states [S, B, H])."""
+  return lstm_scan(projected, valid, recurrent)[0]
 
 
-def _lstm_layer_fwd(projected, valid, recurrent):
-  outputs, saved = _lstm_scan(projected, valid, recurrent)
-  return outputs, (*saved, valid, recurrent)
-
-
-def _lstm_layer_bwd(residuals, cotangents):
-  zs, cs, hs, valid, recurrent = residuals
-  final_grads, state_grads = cotangents
-  transposed = recurrent.T  # once, not in every step
-
-  def step(carry, inputs):
-    dc, dh = carry
-    z, c, v, dh_out = inputs
-    dh = dh + dh_out
-    _, gates_vjp = jax.vjp(lstm_gates, z, c)
-    dz, dc_through = gates_vjp((jnp.where(v, dc, 0), jnp.where(v, dh, 0)))
-    # An invalid step passed its incoming state through unchanged.
-    return (dc_through + jnp.where(v, 0, dc), dz @ transposed + jnp.where(v, 0, dh)), dz
-
-  _, dzs = jax.lax.scan(step, final_grads, (zs, cs, valid, state_grads), reverse=True)
-  d_recurrent = jnp.einsum("sbh,sbk->hk", hs, dzs, preferred_element_type=jnp.float32)
-  return dzs, None, d_recurrent.astype(recurrent.dtype)
-
-
-lstm_layer.defvjp(_lstm_layer_fwd, _lstm_layer_bwd)
-
-
-def encode(w, source, num_layers: int, dtype):
+def encode(w, source, num_layers: int, dtype, lstm=lstm_layer):
   """Top-layer states [B, S, H] and each layer's final (c, h). PAD steps leave the state as it
   was, so the final state is that after the last word whatever the padding."""
   valid = (source != PAD).T[..., None]  # [S, B, 1]
@@ -205,12 +175,12 @@ def encode(w, source, num_layers: int, dtype):
     in_dim = xs.shape[-1]
     # The input projection of every step is one matmul outside the loop.
     projected = xs @ kernel[:in_dim] + w[f"encoder_{layer}"]["bias"].astype(dtype)
-    final, xs = lstm_layer(projected, valid, kernel[in_dim:])
+    final, xs = lstm(projected, valid, kernel[in_dim:])
     finals.append(final)
   return jnp.swapaxes(xs, 0, 1), tuple(finals)
 
 
-def _attention(q, keys, memory, v, source_valid):
+def attention(q, keys, memory, v, source_valid):
   """Additive attention: context [B, H] over the encoder states `memory` [B, S, H], for the
   projected query q [B, H] (W_q query + b) and keys [B, S, H] (W_k memory)."""
   scores = jnp.tanh(keys + q[:, None, :]) @ v  # [B, S]
@@ -229,9 +199,9 @@ def decoder_step(w, memory, keys, source_valid, carry, embedded_gates):
 def _decoder_step(w, memory, keys, source_valid, carry, embedded_gates):
   """decoder_step, and what its backward pass reads: the attention query q, and each layer's
   [input, h] (its matmul's left operand) and gate pre-activations z."""
-  attention = w["attention"]
-  q = carry[-1][1] @ attention["query_kernel"] + attention["query_bias"]
-  context = _attention(q, keys, memory, attention["v"], source_valid)
+  weights = w["attention"]
+  q = carry[-1][1] @ weights["query_kernel"] + weights["query_bias"]
+  context = attention(q, keys, memory, weights["v"], source_valid)
   new_carry, below, operands, zs = [], context, [], []
   for layer, (c, h) in enumerate(carry):
     kernel, operand = w[f"decoder_{layer}"]["kernel"], jnp.concatenate([below, h], -1)
@@ -247,88 +217,22 @@ def _decoder_step(w, memory, keys, source_valid, carry, embedded_gates):
   return tuple(new_carry), (below, context), (q, tuple(operands), tuple(zs))
 
 
-def teacher_forced_decode(w, memory, keys, source_valid, finals, gates):
+def teacher_forced_decode(w, memory, keys, source_valid, finals, gates,
+                          scan=lambda *args: teacher_forced_scan(*args)[0]):
   """The decoder over the whole target, fed the reference words: gates [T, B, 4H] (their
   embeddings' share of the first layer's gates). Returns (top states, contexts), each
   [T, B, H]."""
   weights = {k: w[k] for k in ["attention", *(f"decoder_{l}" for l in range(len(finals)))]}
-  return _teacher_forced(weights, memory, keys, source_valid, finals, gates)
+  return scan(weights, memory, keys, source_valid, finals, gates)
 
 
-def _teacher_forced_scan(w, memory, keys, source_valid, finals, gates):
+def teacher_forced_scan(w, memory, keys, source_valid, finals, gates):
   def step(carry, gates_t):
     new_carry, outputs, saved = _decoder_step(w, memory, keys, source_valid, carry, gates_t)
     return new_carry, (outputs, saved, carry)
 
   _, (outputs, saved, carries) = jax.lax.scan(step, finals, gates)
   return outputs, (saved, carries)
-
-
-# Autodiff of the scan would add every step's share of each weight gradient (four matmuls'
-# [input, h]^T dz, up to [512, 1024]) into the gradients inside the loop; the backward pass below
-# keeps in the loop only what flows back through the states, and forms each weight gradient as
-# one matmul over all steps afterwards.
-@jax.custom_vjp
-def _teacher_forced(w, memory, keys, source_valid, finals, gates):
-  return _teacher_forced_scan(w, memory, keys, source_valid, finals, gates)[0]
-
-
-def _teacher_forced_fwd(w, memory, keys, source_valid, finals, gates):
-  outputs, (saved, carries) = _teacher_forced_scan(w, memory, keys, source_valid, finals, gates)
-  return outputs, (w, memory, keys, source_valid, saved, carries)
-
-
-def _teacher_forced_bwd(residuals, cotangents):
-  w, memory, keys, source_valid, (qs, operands, zs), carries = residuals
-  d_tops, d_contexts = cotangents
-  layers, hidden = len(carries), d_tops.shape[-1]
-  attention = w["attention"]
-  kernels = [w[f"decoder_{layer}"]["kernel"] for layer in range(layers)]
-  transposed = [k[k.shape[0] - 2 * hidden:].T for k in kernels]  # once, not in every step
-  attention_vjp = lambda *args: jax.vjp(functools.partial(_attention, source_valid=source_valid),
-                                        *args)[1]
-
-  def step(carry, inputs):
-    d_state, d_keys, d_memory, d_v = carry  # d_state: each layer's (dc, dh) after this step
-    q, zs_t, carry_t, d_top, d_context = inputs
-    d_state, d_zs, d_above = list(d_state), [None] * layers, d_top
-    for layer in reversed(range(layers)):
-      dc, dh = d_state[layer]
-      c, _ = carry_t[layer]
-      dz, dc = jax.vjp(lstm_gates, zs_t[layer], c)[1]((dc, dh + d_above))
-      d_operand = dz @ transposed[layer]
-      d_above, dh = d_operand[:, :hidden], d_operand[:, hidden:]  # [below, h]
-      d_state[layer], d_zs[layer] = (dc, dh), dz
-    dq, dk, dm, dv = attention_vjp(q, keys, memory, attention["v"])(d_context + d_above)
-    dc, dh = d_state[-1]
-    d_state[-1] = (dc, dh + dq @ attention["query_kernel"].T)
-    return (tuple(d_state), d_keys + dk, d_memory + dm, d_v + dv), (tuple(d_zs), dq)
-
-  start = (tuple((jnp.zeros_like(c[0]), jnp.zeros_like(h[0])) for c, h in carries),
-           jnp.zeros_like(keys), jnp.zeros_like(memory), jnp.zeros_like(attention["v"]))
-  (d_finals, d_keys, d_memory, d_v), (d_zs, d_qs) = jax.lax.scan(
-      step, start, (qs, zs, carries, d_tops, d_contexts), reverse=True)
-
-  outer = lambda a, dz: jnp.einsum("tbi,tbo->io", a, dz, preferred_element_type=jnp.float32)
-  d_w = {"attention": {
-      "key_kernel": jnp.zeros_like(attention["key_kernel"]),
-      "query_kernel": outer(carries[-1][1], d_qs).astype(attention["query_kernel"].dtype),
-      "query_bias": d_qs.sum((0, 1)).astype(attention["query_bias"].dtype),
-      "v": d_v}}
-  for layer in range(layers):
-    kernel, bias = kernels[layer], w[f"decoder_{layer}"]["bias"]
-    d_kernel = outer(operands[layer], d_zs[layer]).astype(kernel.dtype)
-    if layer == 0:  # the embedding's rows and the bias act through `gates`
-      d_kernel = jnp.concatenate([jnp.zeros_like(kernel[:kernel.shape[0] - 2 * hidden]),
-                                  d_kernel])
-      d_bias = jnp.zeros_like(bias)
-    else:
-      d_bias = d_zs[layer].sum((0, 1)).astype(bias.dtype)
-    d_w[f"decoder_{layer}"] = {"kernel": d_kernel, "bias": d_bias}
-  return d_w, d_memory, d_keys, None, d_finals, d_zs[0]
-
-
-_teacher_forced.defvjp(_teacher_forced_fwd, _teacher_forced_bwd)
 
 
 def readout(w, top, context):
@@ -364,7 +268,7 @@ def sampled_logits(out_w, hidden, targets, rng, num_samples: int):
   return jnp.concatenate([true[..., None], negatives], -1)
 
 
-def greedy_decode(step, carry, batch_size: int, max_len: int):
+def greedy_decode(step, carry, batch_size: int, max_len: int, argmax=lambda x: jnp.argmax(x, -1)):
   """Greedy decoding in a lax.while_loop: step(carry, previous tokens [B]) -> (carry, logits).
 
   Starts from GO; a sentence that has emitted EOS emits PAD afterwards; stops when every
@@ -378,7 +282,7 @@ def greedy_decode(step, carry, batch_size: int, max_len: int):
   def body(state):
     t, carry, previous, finished, tokens = state
     carry, logits = step(carry, previous)
-    token = jnp.where(finished, PAD, softmax.argmax(logits))
+    token = jnp.where(finished, PAD, argmax(logits))
     tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, t))
     return t + 1, carry, token, finished | (token == EOS), tokens
 
@@ -388,9 +292,22 @@ def greedy_decode(step, carry, batch_size: int, max_len: int):
   return tokens, (tokens != PAD).sum(-1).astype(jnp.int32), steps
 
 
+@dataclasses.dataclass(frozen=True)
+class Ops:
+  """The pieces an implementation may compute its own way (fathom_jax.tuned.seq2seq), with these
+  signatures and values: an LSTM layer over time, the teacher-forced decoder over the target,
+  the output layer's logits, the top word, and the per-token cross-entropy."""
+  lstm_layer: Callable = lstm_layer
+  teacher_forced: Callable = lambda *args: teacher_forced_scan(*args)[0]
+  logits: Callable = lambda x, kernel, bias: x @ kernel + bias
+  argmax: Callable = lambda x: jnp.argmax(x, -1)
+  cross_entropy: Callable = optax.softmax_cross_entropy_with_integer_labels
+
+
 class Seq2Seq(nn.Module):
   config: Config
   dtype: jnp.dtype = jnp.float32
+  ops: Ops = Ops()
 
   def weights(self):
     c = self.config
@@ -416,7 +333,7 @@ class Seq2Seq(nn.Module):
     # Embedding tables are gathered before the cast; every other weight is cast once here.
     cast = {k: (v if k.endswith("_embedding") else jax.tree.map(lambda a: a.astype(dtype), v))
             for k, v in w.items()}
-    memory, finals = encode(cast, source, c.layers, dtype)
+    memory, finals = encode(cast, source, c.layers, dtype, self.ops.lstm_layer)
     keys = memory @ cast["attention"]["key_kernel"]
     source_valid = source != PAD
     first = cast["decoder_0"]
@@ -431,19 +348,19 @@ class Seq2Seq(nn.Module):
         logits = readout(cast["readout"], top, context) @ cast["output"]["kernel"]
         return carry, logits + cast["output"]["bias"]
       tokens, lengths, steps = greedy_decode(predict, finals, source.shape[0],
-                                             target_input.shape[1])
+                                             target_input.shape[1], self.ops.argmax)
       return {"tokens": tokens, "lengths": lengths, "decoder_steps": steps}
 
     tops, contexts = teacher_forced_decode(cast, memory, keys, source_valid, finals,
-                                           embed_gates(target_input.T))
+                                           embed_gates(target_input.T), self.ops.teacher_forced)
     hidden = jnp.swapaxes(readout(cast["readout"], tops, contexts), 0, 1)  # [B, T, H]
     if c.sampled_softmax:
       return {"sampled_logits": sampled_logits(cast["output"], hidden, target_output, rng,
                                                c.num_samples)}
-    return {"logits": softmax.logits(hidden, cast["output"]["kernel"], cast["output"]["bias"])}
+    return {"logits": self.ops.logits(hidden, cast["output"]["kernel"], cast["output"]["bias"])}
 
 
-def sequence_loss(outputs, batch):
+def sequence_loss(outputs, batch, ops: Ops = Ops()):
   """Cross-entropy per target token, averaged over the unpadded tokens of the batch."""
   mask = batch["target_mask"].astype(jnp.float32)
   tokens = jnp.maximum(mask.sum(), 1.0)
@@ -452,11 +369,11 @@ def sequence_loss(outputs, batch):
   else:  # sampled softmax: the target is class 0
     logits = outputs["sampled_logits"].astype(jnp.float32)
     labels = jnp.zeros(logits.shape[:-1], jnp.int32)
-  ce = softmax.cross_entropy(logits, labels)
+  ce = ops.cross_entropy(logits, labels)
   loss = (ce * mask).sum() / tokens
   metrics = {"tokens": mask.sum()}
   if "logits" in outputs:
-    metrics["accuracy"] = ((softmax.argmax(logits) == labels) * mask).sum() / tokens
+    metrics["accuracy"] = ((ops.argmax(logits) == labels) * mask).sum() / tokens
   return loss, metrics
 
 
@@ -479,8 +396,8 @@ def synthetic_batch(config: Config, rng, batch_size: int):
           "target_mask": (pos <= target_len).astype(jnp.float32)}
 
 
-def build(config: Config, dtype: str) -> base.Model:
-  module = Seq2Seq(config, jnp.dtype(dtype))
+def build(config: Config, dtype: str, ops: Ops = Ops()) -> base.Model:
+  module = Seq2Seq(config, jnp.dtype(dtype), ops)
 
   def init(rng, batch):
     param_rng, sample_rng = jax.random.split(rng)
@@ -493,17 +410,9 @@ def build(config: Config, dtype: str) -> base.Model:
 
   optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
                           optax.sgd(config.learning_rate))
-  # Reductions by XLA, as plain reductions (`layers.PLAIN_REDUCTIONS`): YNNPACK's over the
-  # logits (the output bias's gradient) ran at a few GFLOP/s, and its per-token argmax in
-  # decoding 1.16-1.20x slower than XLA's. Greedy decoding: its per-token products ran faster
-  # as Eigen dots (training's did not).
-  options = {("cpu", "train"): layers.combined(layers.ynnpack("convolution", "dot"),
-                                               layers.PLAIN_REDUCTIONS),
-             ("cpu", "infer"): layers.combined(layers.ynnpack("convolution"),
-                                               layers.PLAIN_REDUCTIONS)}
-  return base.Model(init=init, apply=apply, loss=sequence_loss, optimizer=optimizer,
-                    synthetic_batch=lambda rng, n: synthetic_batch(config, rng, n),
-                    compiler_options=options)
+  return base.Model(init=init, apply=apply,
+                    loss=functools.partial(sequence_loss, ops=ops), optimizer=optimizer,
+                    synthetic_batch=lambda rng, n: synthetic_batch(config, rng, n))
 
 
 # --- parallel text files ---------------------------------------------------------------------

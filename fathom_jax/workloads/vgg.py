@@ -7,13 +7,17 @@ ReLU and dropout 0.5 on the hidden fc layers. VGG-19 has 143,667,240 parameters 
 """
 
 import dataclasses
+import functools
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from fathom_jax import config as config_lib
 from fathom_jax.errors import UsageError
-from fathom_jax.workloads import base, layers, vision
+from fathom_jax.workloads import base, vision
+
+ModuleDef = Any
 
 nonneg = config_lib.nonneg
 
@@ -37,7 +41,7 @@ class Config:
   lr_batch_size: int = 256  # SGD's rate scales linearly with batch_size / lr_batch_size
   momentum: float = nonneg(0.9)
   weight_decay: float = nonneg(5e-4)
-  winograd: bool = True  # 3x3 stride-1 convolutions by Winograd's algorithm on CPU, where it pays
+  winograd: bool = True  # tuned implementation: 3x3 stride-1 convolutions by Winograd's algorithm
 
   def check(self):
     vision.check_optimizer(self.optimizer)
@@ -60,31 +64,30 @@ PRESETS = {
 
 class VGG(nn.Module):
   config: Config
-  dtype: jnp.dtype = jnp.float32
+  dtype: Any = jnp.float32
+  conv: ModuleDef = nn.Conv
+  dense: ModuleDef = nn.Dense
 
   @nn.compact
   def __call__(self, images, train: bool):
     c = self.config
+    conv = functools.partial(self.conv, kernel_size=(3, 3), padding=[(1, 1), (1, 1)],
+                             dtype=self.dtype, kernel_init=vision.CONV_INIT)
     x = images.astype(self.dtype)
     for convs, factor in zip(BLOCKS[c.depth], WIDTH_FACTORS):
       for _ in range(convs):
-        conv = layers.Conv(c.base_width * factor, (3, 3), padding=[(1, 1), (1, 1)],
-                           dtype=self.dtype, kernel_init=vision.CONV_INIT, winograd=c.winograd)
-        x = nn.relu(conv(x))
-      x = layers.max_pool(x, 2, 2, replicated=layers.param_element(conv, "kernel"))
+        x = nn.relu(conv(c.base_width * factor)(x))
+      x = nn.max_pool(x, (2, 2), strides=(2, 2))
     x = vision.adaptive_avg_pool(x, c.pooled_size)
     x = x.reshape(x.shape[0], -1)
     for _ in range(2):
-      x = nn.relu(layers.Dense(c.fc_width, dtype=self.dtype, kernel_init=vision.HIDDEN_INIT,
-                               few_rows=True)(x))
+      x = nn.relu(self.dense(c.fc_width, dtype=self.dtype, kernel_init=vision.HIDDEN_INIT)(x))
       x = nn.Dropout(c.dropout, deterministic=not train)(x)
-    return layers.Dense(c.num_classes, dtype=self.dtype, kernel_init=vision.CLASSIFIER_INIT,
-                        few_rows=True)(x)
+    return self.dense(c.num_classes, dtype=self.dtype, kernel_init=vision.CLASSIFIER_INIT)(x)
 
 
 def build(config: Config, dtype: str) -> base.Model:
-  return vision.build_classifier(VGG(config, jnp.dtype(dtype)), config, {
-      ("cpu", "train"): layers.EIGEN_CONVOLUTIONS, ("cpu", "infer"): layers.EIGEN_ONLY})
+  return vision.build_classifier(VGG(config, jnp.dtype(dtype)), config)
 
 
 WORKLOAD = base.Workload(

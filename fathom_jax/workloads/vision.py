@@ -16,7 +16,7 @@ import optax
 from fathom_jax import config as config_lib
 from fathom_jax import images as images_lib
 from fathom_jax.errors import UsageError
-from fathom_jax.workloads import base, softmax
+from fathom_jax.workloads import base
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -35,10 +35,13 @@ def synthetic_batch(image_size: int, num_classes: int, rng, batch_size: int):
   return {"images": images, "labels": labels}
 
 
-def cross_entropy(logits, batch):
+def cross_entropy(logits, batch, *,
+                  per_example=optax.softmax_cross_entropy_with_integer_labels,
+                  argmax=lambda x: jnp.argmax(x, -1)):
+  """Mean softmax cross-entropy over the batch, and the top-1 accuracy."""
   logits = logits.astype(jnp.float32)
-  loss = softmax.cross_entropy(logits, batch["labels"]).mean()
-  accuracy = (softmax.argmax(logits) == batch["labels"]).mean()
+  loss = per_example(logits, batch["labels"]).mean()
+  accuracy = (argmax(logits) == batch["labels"]).mean()
   return loss, {"accuracy": accuracy}
 
 
@@ -114,18 +117,24 @@ def load_data(config, path: str, bad_samples: str = "fail"):
   return source, config_lib.replace(config, num_classes=source.num_classes)
 
 
-def build_classifier(module, config, compiler_options=None) -> base.Model:
-  """Model of a classifier without mutable state, whose only randomness is dropout."""
+def build_classifier(module: nn.Module, config, loss=cross_entropy,
+                     compiler_options=None) -> base.Model:
+  """Model of an image classifier: `module(images, train)` -> logits. In training, dropout
+  draws from `rng` and batch statistics (if any) come back as state updates."""
 
   def init(rng, batch):
     return module.init(rng, batch["images"], train=False)
 
   def apply(variables, batch, *, train, rng):
-    rngs = {"dropout": rng} if train else {}
-    return module.apply(variables, batch["images"], train=train, rngs=rngs), {}
+    if not train:
+      return module.apply(variables, batch["images"], train=False), {}
+    rngs = {"dropout": rng} if rng is not None else {}
+    logits, updates = module.apply(variables, batch["images"], train=True, rngs=rngs,
+                                   mutable=["batch_stats"])
+    return logits, dict(updates)
 
   return base.Model(
-      init=init, apply=apply, loss=cross_entropy, optimizer=make_optimizer(config),
+      init=init, apply=apply, loss=loss, optimizer=make_optimizer(config),
       synthetic_batch=lambda rng, n: synthetic_batch(
           config.image_size, config.num_classes, rng, n),
       compiler_options=compiler_options or {})

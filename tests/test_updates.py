@@ -1,4 +1,4 @@
-"""The shared train step: parameter updates ordered after the backward pass."""
+"""The tuned train step: parameter updates ordered after the backward pass."""
 
 import functools
 import re
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from fathom_jax import runner
-from fathom_jax.workloads import registry
+from fathom_jax.tuned import updates
 from tests import workload_checks as checks
 
 
 @pytest.fixture
 def ordered_always(monkeypatch):
-  monkeypatch.setattr(runner, "ORDERED_UPDATES_MIN_BYTES", 0)
+  monkeypatch.setattr(updates, "ORDERED_UPDATES_MIN_BYTES", 0)
 
 
 def test_after_backward_changes_no_bit(ordered_always):
@@ -23,7 +23,7 @@ def test_after_backward_changes_no_bit(ordered_always):
   special = jnp.array([np.nan, np.inf, -np.inf, -0.0, 0.0, 1e-30, -3.5, 7.0], jnp.float32)
   grads = {"a": special, "b": jnp.arange(6.0).reshape(2, 3) - 2.5, "empty": jnp.zeros((0,)),
            "half": special.astype(jnp.bfloat16)}
-  out = jax.jit(runner.after_backward)(grads)
+  out = jax.jit(updates.after_backward)(grads)
   for name in grads:
     assert out[name].dtype == grads[name].dtype
     np.testing.assert_array_equal(np.asarray(out[name]).view(np.uint8),
@@ -32,7 +32,7 @@ def test_after_backward_changes_no_bit(ordered_always):
 
 def test_small_parameter_trees_are_left_alone():
   grads = {"w": jnp.ones((256, 256)), "b": jnp.ones((256,))}
-  assert runner.after_backward(grads) is grads
+  assert updates.after_backward(grads) is grads
 
 
 def _parameter_copies(model, batch):
@@ -47,12 +47,11 @@ def _parameter_copies(model, batch):
 
 
 def test_ordered_updates_copy_no_parameter(monkeypatch):
-  workload = registry.get("alexnet")
-  model = workload.build(workload.presets["tiny"], "float32")
+  _, model = checks.build("alexnet", implementation="tuned")
   batch = checks.synthetic_batch(model, 1, 2)
-  monkeypatch.setattr(runner, "ORDERED_UPDATES_MIN_BYTES", 1 << 60)
+  monkeypatch.setattr(updates, "ORDERED_UPDATES_MIN_BYTES", 1 << 60)
   unordered = _parameter_copies(model, batch)
-  monkeypatch.setattr(runner, "ORDERED_UPDATES_MIN_BYTES", 0)
+  monkeypatch.setattr(updates, "ORDERED_UPDATES_MIN_BYTES", 0)
   ordered = _parameter_copies(model, batch)
   # Every layer whose input gradient reads its kernel: four convolutions and three dense layers.
   assert len([n for n in unordered if "kernel" in n]) == 7, unordered
@@ -60,8 +59,7 @@ def test_ordered_updates_copy_no_parameter(monkeypatch):
 
 
 def test_ordered_updates_train_the_same(ordered_always, monkeypatch):
-  workload = registry.get("vgg")
-  model = workload.build(workload.presets["tiny"], "float32")
+  _, model = checks.build("vgg", implementation="tuned")
   batch = checks.synthetic_batch(model, 1, 2)
 
   def losses():
@@ -74,6 +72,6 @@ def test_ordered_updates_train_the_same(ordered_always, monkeypatch):
     return out
 
   ordered = losses()
-  monkeypatch.setattr(runner, "ORDERED_UPDATES_MIN_BYTES", 1 << 60)
+  monkeypatch.setattr(updates, "ORDERED_UPDATES_MIN_BYTES", 1 << 60)
   np.testing.assert_allclose(ordered, losses(), rtol=1e-5)
   assert ordered[-1] < ordered[0]

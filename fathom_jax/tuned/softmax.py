@@ -11,7 +11,8 @@ reductions and one fused pass.
 import jax
 import jax.numpy as jnp
 
-from fathom_jax.workloads import layers
+from fathom_jax.tuned import layers
+from fathom_jax.workloads import vision
 
 
 def argmax(x):
@@ -75,3 +76,8 @@ def _cross_entropy_bwd(residuals, g):
 
 
 cross_entropy.defvjp(_cross_entropy_fwd, _cross_entropy_bwd)
+
+
+def classifier_loss(logits, batch):
+  """The image classifiers' loss and accuracy (`vision.cross_entropy`) by this module's pieces."""
+  return vision.cross_entropy(logits, batch, per_example=cross_entropy, argmax=argmax)

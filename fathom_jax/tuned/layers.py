@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from fathom_jax import scopes
-from fathom_jax.workloads.winograd import CHANNELS_FIRST_DIMENSIONS  # CHWN x HWIO -> CHWN
-from fathom_jax.workloads.winograd import DIMENSIONS  # NHWC x HWIO -> NHWC
-from fathom_jax.workloads.winograd import conv3x3 as winograd_conv3x3
+from fathom_jax.tuned.winograd import CHANNELS_FIRST_DIMENSIONS  # CHWN x HWIO -> CHWN
+from fathom_jax.tuned.winograd import DIMENSIONS  # NHWC x HWIO -> NHWC
+from fathom_jax.tuned.winograd import conv3x3 as winograd_conv3x3
 
 
 _YNN_KINDS = {"convolution": "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
@@ -40,19 +40,8 @@ EIGEN_ONLY = ynnpack()
 # reduction of its results, for a pairwise sum's accuracy; on CPU the reduce-window ran at
 # 3 GFLOP/s (seq2seq's softmax over 40,000 words: 11.4 ms for [16, 50, 40000]). Without it
 # the reduction is one vectorised pass: seq2seq's train step 1.15x faster, decoding 1.06x,
-# losses equal to 5e-7 relative. Merge with `combined`.
+# losses equal to 5e-7 relative. Merge with `compiling.combined`.
 PLAIN_REDUCTIONS = {"xla_disable_hlo_passes": "tree_reduction_rewriter"}
-
-
-def combined(*options: dict) -> dict:
-  """XLA compile options merged; lists of disabled passes are joined, not overwritten."""
-  merged: dict = {}
-  for option in options:
-    for key, value in option.items():
-      if key == "xla_disable_hlo_passes" and merged.get(key):
-        value = ",".join(dict.fromkeys(merged[key].split(",") + value.split(",")))
-      merged[key] = value
-  return merged
 
 
 def conv2d(x, kernel, strides: tuple[int, int], padding: tuple[tuple[int, int], ...],
