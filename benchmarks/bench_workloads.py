@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 
-from fathom_jax import environment, host_memory, peaks, runner  # noqa: E402
+from fathom_jax import compiling, environment, host_memory, model_steps, peaks, runner  # noqa: E402
 from fathom_jax.analysis import cost, hlo  # noqa: E402
 from fathom_jax.workloads import registry  # noqa: E402
 
@@ -89,13 +89,13 @@ def model_flops(spec: runner.RunSpec) -> float:
   key = jax.random.key(0)
   batch = jax.eval_shape(lambda k: model.synthetic_batch(k, batch_size), key)
   if spec.mode == "train":
-    state = jax.eval_shape(functools.partial(runner.init_train_state, model), key, batch)
-    lowered = jax.jit(runner.make_train_step(model)).lower(state, batch)
+    state = jax.eval_shape(functools.partial(model_steps.init_train_state, model), key, batch)
+    lowered = jax.jit(model_steps.make_train_step(model)).lower(state, batch)
   else:
     variables = jax.eval_shape(model.init, key, batch)
-    lowered = jax.jit(runner.make_infer_step(model)).lower(variables, batch, key)
+    lowered = jax.jit(model_steps.make_infer_step(model)).lower(variables, batch, key)
   platform = jax.devices(spec.backend)[0].platform
-  compiled, _ = runner.compile_step(
+  compiled, _ = compiling.compile_step(
       lowered, spec.execution, model.compiler_options.get((platform, spec.mode), {}))
   return cost.CostModel(hlo.parse_module(compiled.as_text())).total().flops
 

@@ -142,7 +142,7 @@ def main(argv: list[str]) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   import jax
-  from fathom_jax import runner
+  from fathom_jax import results, runner
   try:
     _start_backends()
     specs = specs_from_flags()
@@ -153,7 +153,7 @@ def main(argv: list[str]) -> None:
     for spec, res in zip(specs, resolved):
       record = runner.execute(spec, res)
       if jax.process_index() == 0:
-        print(runner.format_summary(record), flush=True)
+        print(results.format_summary(record), flush=True)
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -33,3 +33,74 @@ def combined(*options: dict) -> dict:
         value = ",".join(dict.fromkeys(merged[key].split(",") + value.split(",")))
       merged[key] = value
   return merged
+
+
+# How the step executes: as XLA compiles it; compiled with every fusion pass off, so each op is
+# its own kernel; or dispatched op by op from Python, loops unrolled (the 2016 graph executors'
+# view of the program).
+EXECUTIONS = ("compiled", "unfused", "eager")
+# Pass names of the fusion passes of XLA's CPU and GPU pipelines; unknown names are ignored.
+FUSION_PASSES = ("fusion", "priority-fusion", "multi_output_fusion", "horizontal-loop-fusion",
+                 "fusion-merger", "sibling-multi-output-fusion", "cpu-instruction-fusion")
+
+
+_UNKNOWN_OPTION_ERRORS = ("No such compile option", "While setting option")
+
+
+def compile_step(lowered, execution: str, model_options=None) -> tuple:
+  """`lowered` compiled with `compile_options`, and None; or, where this XLA rejects one of the
+  model's own options (they are speed choices, not semantics), compiled without them and a
+  record of what was dropped and why."""
+  try:
+    return lowered.compile(**compile_options(execution, model_options)), None
+  except jax.errors.JaxRuntimeError as e:
+    message = str(e).strip()
+    if not model_options or not any(m in message for m in _UNKNOWN_OPTION_ERRORS):
+      raise
+  compiled = lowered.compile(**compile_options(execution))
+  return compiled, {"options": {k: str(v) for k, v in model_options.items()},
+                    "error": message.splitlines()[0]}
+
+
+def compile_options(execution: str, model_options=None) -> dict:
+  """Keyword arguments of `Lowered.compile`: the model's own XLA options for this platform and
+  mode, and for unfused runs the fusion passes turned off."""
+  options = dict(model_options or {})
+  if execution == "unfused":
+    options = combined(options, {"xla_disable_hlo_passes": ",".join(FUSION_PASSES)})
+  return {"compiler_options": options} if options else {}
+
+
+def eager_step(step: Callable) -> Callable:
+  """`step` dispatched primitive by primitive: jit disabled inside it, loops run in Python."""
+  def run(*args):
+    with jax.disable_jit():
+      return step(*args)
+  return run
+
+
+def cost_analysis(compiled) -> dict:
+  """XLA's cost analysis of a compiled program ('flops', 'bytes accessed', ...), {} where the
+  backend has none."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # not every backend implements it
+    return {}
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  return {k: float(v) for k, v in (cost or {}).items()}
+
+
+def memory_analysis(compiled, names: Optional[tuple[str, ...]] = None) -> dict:
+  """The compiler's memory figures of a compiled program (every '*_in_bytes', or `names`), {}
+  where the backend has none."""
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:
+    return {}
+  if stats is None:
+    return {}
+  names = names or tuple(n for n in dir(stats) if n.endswith("_in_bytes"))
+  return {n: int(getattr(stats, n)) for n in names
+          if isinstance(getattr(stats, n, None), int)}
+

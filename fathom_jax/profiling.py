@@ -21,29 +21,10 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
-from fathom_jax import host_memory
+from fathom_jax import compiling, host_memory, results
 from fathom_jax.errors import DataError
 
 HLO_DIR = "hlo"
-
-
-def _cost_analysis(compiled) -> dict:
-  try:
-    cost = compiled.cost_analysis()
-  except Exception:  # not every backend implements it
-    return {}
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else {}
-  return {k: float(v) for k, v in (cost or {}).items()}
-
-
-def _memory_analysis(compiled) -> dict:
-  try:
-    stats = compiled.memory_analysis()
-  except Exception:
-    return {}
-  return {name: int(getattr(stats, name)) for name in dir(stats)
-          if name.endswith("_in_bytes") and isinstance(getattr(stats, name), int)}
 
 
 def module_name(hlo_text: str) -> str:
@@ -64,16 +45,10 @@ def save_programs(run_dir: str, lowered, compiled) -> dict[str, str]:
   with open(paths["unoptimized.hlo.txt"], "w") as f:
     f.write(lowered.as_text(dialect="hlo", debug_info=True))  # with op_names: scopes classify
   with open(paths["analysis.json"], "w") as f:
-    json.dump({"cost_analysis": _cost_analysis(compiled),
-               "memory_analysis": _memory_analysis(compiled)}, f, indent=2)
+    json.dump({"cost_analysis": compiling.cost_analysis(compiled),
+               "memory_analysis": compiling.memory_analysis(compiled)}, f, indent=2)
     f.write("\n")
   return paths
-
-
-def _timing(times: list[float]) -> dict:
-  arr = np.asarray(times)
-  return {"median": float(np.median(arr)), "mean": float(arr.mean()), "min": float(arr.min()),
-          "max": float(arr.max())}
 
 
 def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[], Any],
@@ -116,7 +91,7 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
   finally:
     if not keep:
       shutil.rmtree(trace_dir, ignore_errors=True)
-  profiled, unprofiled = _timing(times), _timing(unprofiled_times)
+  profiled, unprofiled = results.percentiles(times), results.percentiles(unprofiled_times)
   # Medians, and minima, which a busy machine disturbs less.
   summary = {"step_times_s": times, "step_time_s": profiled,
              "overhead": profiled["median"] / unprofiled["median"] - 1,

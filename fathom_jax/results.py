@@ -1,10 +1,14 @@
-"""Run folders and result files: one JSON per run, written atomically."""
+"""Run folders and result files: one JSON per run, written atomically; the figures derived from
+a run's step times, and its printed summary."""
 
 import datetime
 import json
 import os
 import tempfile
 import uuid
+from typing import Optional, Sequence
+
+import numpy as np
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
@@ -49,3 +53,72 @@ def _jsonable(value):
   if isinstance(value, tuple):
     return list(value)
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def percentiles(times: Sequence[float]) -> dict:
+  """Median, 10th and 90th percentiles, mean, min and max of step times."""
+  arr = np.asarray(times)
+  return {"median": float(np.median(arr)), "p10": float(np.percentile(arr, 10)),
+          "p90": float(np.percentile(arr, 90)), "mean": float(arr.mean()),
+          "min": float(arr.min()), "max": float(arr.max())}
+
+
+def summarise(figures: dict, batch_size: int) -> dict:
+  """Adds the figures derived from the measured step times (as far as there are any)."""
+  times = figures["step_times_s"]
+  figures["steps_completed"] = len(times)
+  if not times:
+    return figures
+  timing = percentiles(times)
+  flops = figures.get("flops_per_step")
+  figures.update(step_time_s=timing, examples_per_s=batch_size / timing["median"],
+                 flops_per_s=flops / timing["median"] if flops else None)
+  if figures.get("losses"):
+    figures["final_loss"] = figures["losses"][-1]
+  return figures
+
+
+def si(value: Optional[float], unit: str) -> str:
+  if value is None:
+    return "n/a"
+  for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    if abs(value) >= scale:
+      return f"{value / scale:.2f} {prefix}{unit}"
+  return f"{value:.2f} {unit}"
+
+
+def format_summary(record: dict) -> str:
+  f = record["figures"]
+  if not f["step_times_s"]:
+    return (f"== {record['workload']} {record['mode']}: {record['status']} before any measured "
+            f"step: {record.get('error', '')}")
+  t = f["step_time_s"]
+  mem = f["peak_device_memory_bytes"]
+  if mem is None and f["compiled_memory"]:
+    mem = sum(v for k, v in f["compiled_memory"].items() if k != "generated_code_size_in_bytes")
+    mem_text = f"{si(mem, 'B')} (compiler estimate)"
+  else:
+    mem_text = si(mem, "B")
+  lines = [
+      f"== {record['workload']} {record['mode']} ({record['preset']}, batch "
+      f"{record['config']['batch_size']}, {record['spec']['dtype']}, "
+      f"{record['environment']['backend']}, {record.get('implementation', 'tuned')}) ==",
+      f"  compile      {f['lower_time_s'] + f['compile_time_s']:.2f} s "
+      f"(lower {f['lower_time_s']:.2f} s, compile {f['compile_time_s']:.2f} s)",
+      f"  step time    median {t['median'] * 1e3:.2f} ms  p10 {t['p10'] * 1e3:.2f} ms  "
+      f"p90 {t['p90'] * 1e3:.2f} ms  ({len(f['step_times_s'])} steps)",
+      f"  throughput   {f['examples_per_s']:.1f} {record['example_unit']}/s",
+      f"  model FLOPs  {si(f['flops_per_step'], 'FLOP')}/step, "
+      f"{si(f['flops_per_s'], 'FLOP/s')}",
+      f"  memory       {mem_text}",
+  ]
+  if "final_loss" in f:
+    lines.append(f"  loss         {f['losses'][0]:.4f} -> {f['final_loss']:.4f}")
+  bad = (record.get("data") or {}).get("bad_samples")
+  if bad:  # only under --bad_samples=skip
+    more = bad["skipped"] - len(bad["first"])
+    detail = "; ".join(bad["first"] + ([f"{more} more"] if more else []))
+    lines.append(f"  bad samples  {bad['skipped']} skipped" + (f": {detail}" if detail else ""))
+  if record.get("run_dir"):
+    lines.append(f"  result       {os.path.join(record['run_dir'], RESULT_FILE)}")
+  return "\n".join(lines)

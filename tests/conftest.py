@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # inherit the environment and share it, and only the maker removes it.
 _OWNER = "FATHOM_JAX_TEST_COMPILE_CACHE" not in os.environ
 if _OWNER:
-  os.environ["FATHOM_JAX_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(prefix="fathom-jax-test-compile-cache-")
+  os.environ["FATHOM_JAX_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(
+      prefix="fathom-jax-test-compile-cache-")
 os.environ.update({
     "JAX_COMPILATION_CACHE_DIR": os.environ["FATHOM_JAX_TEST_COMPILE_CACHE"],
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

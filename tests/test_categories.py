@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from fathom_jax import runner
+from fathom_jax import model_steps
 from fathom_jax.analysis import categories as cat
 from fathom_jax.analysis import cost, hlo
 from tests import workload_checks as checks
@@ -132,9 +132,9 @@ def train_step_lowered(name):
   _, model = checks.build(name)
   # Shapes alone: nothing is computed before the step is compiled.
   batch = jax.eval_shape(lambda k: model.synthetic_batch(k, 4), jax.random.key(0))
-  state = jax.eval_shape(lambda k, b: runner.init_train_state(model, k, b), jax.random.key(1),
+  state = jax.eval_shape(lambda k, b: model_steps.init_train_state(model, k, b), jax.random.key(1),
                          batch)
-  return jax.jit(runner.make_train_step(model)).lower(state, batch)
+  return jax.jit(model_steps.make_train_step(model)).lower(state, batch)
 
 
 @pytest.mark.parametrize("program", ["conv_net", "memnet", "autoenc"])

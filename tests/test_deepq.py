@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fathom_jax import atari, runner
+from fathom_jax import atari, model_steps, runner
 from fathom_jax.errors import UsageError
 from fathom_jax.workloads import deepq
 from tests import workload_checks as checks
@@ -43,7 +43,7 @@ def test_target_network_copied_every_n_updates():
   _, model = checks.build("deepq", target_update_every=3, learning_rate=1e-2)
   batch = checks.synthetic_batch(model, 1, 8)
   state = checks.init_train_state(model, jax.random.key(0), batch)
-  step = jax.jit(runner.make_train_step(model))
+  step = jax.jit(model_steps.make_train_step(model))
   same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
                                                                  jax.tree.leaves(b)))
   assert same(state["params"], state["model_state"]["target"])

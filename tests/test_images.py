@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fathom_jax import images, runner
+from fathom_jax import images, results, runner
 from fathom_jax.errors import DataError, UsageError
 from fathom_jax.workloads import alexnet, residual
 
@@ -212,6 +212,6 @@ def test_workloads_read_image_folders(tmp_path):
   assert alexnet.PRESETS["tiny"].num_classes != 3  # the folder, not the preset, decided
   assert record["data"]["bad_samples"]["skipped"] == 2  # 16 images drawn of 11, in order
   assert record["spec"]["bad_samples"] == "skip"
-  (line,) = [l for l in runner.format_summary(record).splitlines() if "bad samples" in l]
+  (line,) = [l for l in results.format_summary(record).splitlines() if "bad samples" in l]
   assert line.startswith("  bad samples  2 skipped: ") and "truncated.jpg" in line
   assert "noise.jpeg" in line

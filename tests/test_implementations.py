@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fathom_jax import runner, tuned
+from fathom_jax import model_steps, tuned
 from fathom_jax.errors import UsageError
 from fathom_jax.workloads import registry
 from tests import workload_checks as checks
@@ -28,7 +28,7 @@ def _loss_grads_and_outputs(model, variables, batch, rng):
     outputs, _ = model.apply({**variables, "params": params}, batch, train=True, rng=rng)
     return model.loss(outputs, batch)[0]
   loss, grads = jax.value_and_grad(loss_fn)(variables["params"])
-  return loss, grads, runner.make_infer_step(model)(variables, batch, rng)
+  return loss, grads, model_steps.make_infer_step(model)(variables, batch, rng)
 
 
 def _structure(tree):
@@ -69,7 +69,7 @@ def test_reference_and_tuned_compute_the_same(name):
 def test_paper_parameter_counts_hold_for_both(name):
   _, reference = checks.build(name, "paper")
   _, tuned_model = checks.build(name, "paper", implementation="tuned")
-  assert runner.count_parameters(reference) == runner.count_parameters(tuned_model) > 0
+  assert model_steps.count_parameters(reference) == model_steps.count_parameters(tuned_model) > 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -77,9 +77,9 @@ def _traced_train_step(name: str):
   """The reference train step of the tiny preset, traced from shapes (batch 8)."""
   _, model = checks.build(name)
   batch = jax.eval_shape(lambda k: model.synthetic_batch(k, 8), jax.random.key(0))
-  state = jax.eval_shape(functools.partial(runner.init_train_state, model), jax.random.key(0),
+  state = jax.eval_shape(functools.partial(model_steps.init_train_state, model), jax.random.key(0),
                          batch)
-  return jax.jit(runner.make_train_step(model)).trace(state, batch)
+  return jax.jit(model_steps.make_train_step(model)).trace(state, batch)
 
 
 def _lowered_train_step(name: str, platform: str) -> str:
@@ -118,7 +118,7 @@ def test_tuned_applies_only_where_it_was_measured():
   assert tuned.choose(None, "cpu") == "tuned" and tuned.choose(None, "gpu") == "reference"
   assert tuned.choose(None, "tpu") == "reference"
   assert tuned.choose("reference", "cpu") == "reference"
-  with pytest.raises(UsageError, match="applies on cpu only.*on gpu run --implementation=reference"):
+  with pytest.raises(UsageError, match="cpu only.*on gpu run --implementation=reference"):
     tuned.choose("tuned", "gpu")
   with pytest.raises(UsageError, match="unknown implementation 'fast'"):
     tuned.choose("fast", "cpu")

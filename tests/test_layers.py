@@ -304,14 +304,13 @@ def test_eigen_convolutions_option_is_valid_and_changes_only_the_kernel():
 
 
 def test_runner_merges_model_options_with_its_own():
-  from fathom_jax import runner
-  assert runner.compile_options("compiled", {}) == {}
-  merged = runner.compile_options("unfused", layers.EIGEN_CONVOLUTIONS)["compiler_options"]
+  assert compiling.compile_options("compiled", {}) == {}
+  merged = compiling.compile_options("unfused", layers.EIGEN_CONVOLUTIONS)["compiler_options"]
   assert merged.keys() == {*layers.EIGEN_CONVOLUTIONS, "xla_disable_hlo_passes"}
   # A model's own disabled passes stay disabled beside the unfused run's.
-  merged = runner.compile_options("unfused", layers.PLAIN_REDUCTIONS)["compiler_options"]
+  merged = compiling.compile_options("unfused", layers.PLAIN_REDUCTIONS)["compiler_options"]
   passes = merged["xla_disable_hlo_passes"].split(",")
-  assert "tree_reduction_rewriter" in passes and set(runner.FUSION_PASSES) <= set(passes)
+  assert "tree_reduction_rewriter" in passes and set(compiling.FUSION_PASSES) <= set(passes)
   twice = compiling.combined(layers.PLAIN_REDUCTIONS, layers.PLAIN_REDUCTIONS)
   assert twice == layers.PLAIN_REDUCTIONS
 
@@ -327,18 +326,17 @@ def test_plain_reductions_leave_a_long_sum_one_reduction():
 
 
 def test_an_option_this_xla_lacks_is_dropped_and_recorded_not_fatal():
-  from fathom_jax import runner
   lowered = jax.jit(lambda x: x * 2.0).lower(jnp.ones(3))
   options = {"xla_option_no_release_has": True}
-  compiled, dropped = runner.compile_step(lowered, "compiled", options)
+  compiled, dropped = compiling.compile_step(lowered, "compiled", options)
   np.testing.assert_allclose(compiled(jnp.ones(3)), 2.0)
   assert dropped["options"] == {"xla_option_no_release_has": "True"}
   assert "xla_option_no_release_has" in dropped["error"]
   # A bad value of an option this XLA has is dropped the same way; unfused keeps its own options.
-  compiled, dropped = runner.compile_step(
+  compiled, dropped = compiling.compile_step(
       lowered, "unfused", {"xla_cpu_experimental_ynn_fusion_type": "no-such-kind"})
   assert dropped is not None and compiled is not None
-  assert runner.compile_step(lowered, "compiled", layers.EIGEN_CONVOLUTIONS)[1] is None
+  assert compiling.compile_step(lowered, "compiled", layers.EIGEN_CONVOLUTIONS)[1] is None
 
 
 def test_a_run_whose_model_options_this_xla_lacks_still_runs(monkeypatch):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from fathom_jax import runner
+from fathom_jax import babi, results, runner
 from fathom_jax.errors import DataError, UsageError
 from fathom_jax.workloads import memnet
 from tests import workload_checks as checks
@@ -66,7 +66,7 @@ def test_position_encoding_formula():
 def test_babi_reader(tmp_path):
   path = tmp_path / "qa1_single-supporting-fact_train.txt"
   path.write_text(BABI)
-  source, config = memnet.load_data(memnet.PRESETS["tiny"], str(tmp_path))
+  source, config = babi.load_data(memnet.PRESETS["tiny"], str(tmp_path))
   assert source.num_examples == 3
   words = sorted({"mary", "moved", "to", "the", "bathroom", "john", "went", "hallway", "where",
                   "is", "daniel", "back", "sandra", "garden", "travelled", "office"})
@@ -98,7 +98,7 @@ def test_babi_reader_errors(tmp_path, text, message):
   path = tmp_path / "bad_train.txt"
   path.write_text(text)
   with pytest.raises(DataError, match=message) as info:
-    memnet.load_data(memnet.PRESETS["tiny"], str(path))
+    babi.load_data(memnet.PRESETS["tiny"], str(path))
   assert "bad_train.txt:1" in str(info.value)
 
 
@@ -109,7 +109,7 @@ def test_malformed_story_skipped_and_counted(tmp_path):
   text = ("\n".join(lines) + "\n").encode() + b"1 Bill went \xff home.\n2 Where is Bill?\thome\t1\n"
   path = tmp_path / "qa1_train.txt"
   path.write_bytes(text)
-  source, config = memnet.load_data(memnet.PRESETS["tiny"], str(tmp_path), bad_samples="skip")
+  source, config = babi.load_data(memnet.PRESETS["tiny"], str(tmp_path), bad_samples="skip")
   assert source.num_examples == 1  # only the middle story's question is left
   assert config.vocab_size == len({"sandra", "travelled", "to", "the", "office", "where",
                                    "is"}) + 1
@@ -118,7 +118,7 @@ def test_malformed_story_skipped_and_counted(tmp_path):
   assert bad["first"][0].startswith(f"{path}:4: malformed bAbI line")
   assert bad["first"][1].startswith(f"{path}:9: not UTF-8 text")
   with pytest.raises(DataError, match="qa1_train.txt:4: malformed") as info:
-    memnet.load_data(memnet.PRESETS["tiny"], str(tmp_path))
+    babi.load_data(memnet.PRESETS["tiny"], str(tmp_path))
   assert "\n" not in str(info.value)
 
 
@@ -133,7 +133,7 @@ def test_skipped_stories_in_the_run_summary(tmp_path):
   bad = record["data"]["bad_samples"]
   assert bad["skipped"] == 7 and len(bad["first"]) == 5
   assert bad["first"][0].endswith("qa1_train.txt:8: malformed bAbI line (want 'ID text'): 'noid'")
-  (line,) = [l for l in runner.format_summary(record).splitlines() if "bad samples" in l]
+  (line,) = [l for l in results.format_summary(record).splitlines() if "bad samples" in l]
   assert line.startswith("  bad samples  7 skipped: ") and line.endswith("; 2 more")
   with pytest.raises(UsageError, match="unknown bad_samples 'ignore'"):
     runner.resolve(runner.RunSpec(workload="memnet", data=str(tmp_path), bad_samples="ignore"))
@@ -143,10 +143,10 @@ def test_every_story_bad_is_an_error_even_when_skipping(tmp_path):
   path = tmp_path / "bad_train.txt"
   path.write_text("one Mary moved.\n1 Where is Mary?\t\t1\n")
   with pytest.raises(DataError, match="no usable samples; 2 bad ones skipped") as info:
-    memnet.load_data(memnet.PRESETS["tiny"], str(path), bad_samples="skip")
+    babi.load_data(memnet.PRESETS["tiny"], str(path), bad_samples="skip")
   assert str(info.value).startswith(str(path)) and "\n" not in str(info.value)
 
 
 def test_babi_folder_without_tasks(tmp_path):
   with pytest.raises(DataError, match="no bAbI training files"):
-    memnet.load_data(memnet.PRESETS["tiny"], str(tmp_path))
+    babi.load_data(memnet.PRESETS["tiny"], str(tmp_path))

@@ -13,7 +13,7 @@ _SCRIPT = """
 import json, sys
 import jax
 jax.config.update("jax_num_cpu_devices", 4)
-from fathom_jax import runner
+from fathom_jax import model_steps, placement, runner
 from fathom_jax.tuned import updates
 out = {}
 default_min_bytes = updates.ORDERED_UPDATES_MIN_BYTES
@@ -25,11 +25,11 @@ for workload in sys.argv[1].split(","):
     out[f"{workload}/{n}{ordered}"] = runner.execute(spec)["figures"]["losses"]
 updates.ORDERED_UPDATES_MIN_BYTES = default_min_bytes
 res = runner.resolve(runner.RunSpec("memnet", batch_size=8))
-placement = runner.make_placement(jax.devices(), 2, 8)
-batch = runner.place_batch(next(res.source.batches(8, seed=0, train=True)), placement)
-state = jax.jit(runner.init_train_state, static_argnums=0, out_shardings=placement.replicated)(
+mesh = placement.make_placement(jax.devices(), 2, 8)
+batch = placement.place_batch(next(res.source.batches(8, seed=0, train=True)), mesh)
+state = jax.jit(model_steps.init_train_state, static_argnums=0, out_shardings=mesh.replicated)(
     res.model, jax.random.key(0), batch)
-hlo = jax.jit(runner.make_train_step(res.model)).lower(state, batch).compile().as_text()
+hlo = jax.jit(model_steps.make_train_step(res.model)).lower(state, batch).compile().as_text()
 out["all_reduces"] = hlo.count(" all-reduce(") + hlo.count(" all-reduce-start(")
 print(json.dumps(out))
 """

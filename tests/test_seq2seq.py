@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fathom_jax import runner
+from fathom_jax import model_steps, parallel_text
 from fathom_jax.errors import DataError, UsageError
 from fathom_jax.tuned import seq2seq as tuned_seq2seq
 from fathom_jax.workloads import seq2seq
@@ -73,7 +73,7 @@ def test_synthetic_batch_layout():
 
 def train(model, batch, seeds, steps):
   """Losses of `steps` jitted train steps from each seed's initial state (compiled once)."""
-  step = jax.jit(runner.make_train_step(model))
+  step = jax.jit(model_steps.make_train_step(model))
   runs = []
   for seed in seeds:
     state = checks.init_train_state(model, jax.random.key(seed), batch)
@@ -112,7 +112,7 @@ def test_bfloat16_trains_and_decodes():
   _, model = checks.build("seq2seq", dtype="bfloat16", layers=1)  # one layer: quicker to compile
   batch = checks.synthetic_batch(model, 1, 4)
   state = checks.init_train_state(model, jax.random.key(0), batch)
-  step = jax.jit(runner.make_train_step(model))
+  step = jax.jit(model_steps.make_train_step(model))
   losses = []
   for _ in range(3):
     state, metrics = step(state, batch)
@@ -227,7 +227,7 @@ def test_log_uniform_sampler_follows_its_law():
 
 
 def test_tokenize():
-  assert seq2seq.tokenize("He said: \"Go (now)!\" 1984.") == [
+  assert parallel_text.tokenize("He said: \"Go (now)!\" 1984.") == [
       "He", "said", ":", '"', "Go", "(", "now", ")", "!", '"', "0000", "."]
 
 
@@ -243,14 +243,14 @@ def write_corpus(tmp_path, src=SRC, tgt=TGT):
 def test_parallel_text_reader(tmp_path):
   write_corpus(tmp_path)
   base = checks.build("seq2seq")[0]
-  source, config = seq2seq.load_data(base, str(tmp_path))
+  source, config = parallel_text.load_data(base, str(tmp_path))
   # Line 3 has an empty source, line 4 a 10-word source (bucket (5, 10) holds 5).
   assert source.num_examples == 3
   summary = source.summary()
   assert summary["dropped_empty"] == 1 and summary["dropped_too_long"] == 1
   assert summary["lines"] == 5 and summary["bucket"] == [5, 10]
   src_vocab, tgt_vocab = source.vocabularies
-  assert list(src_vocab)[:4] == list(seq2seq.SPECIAL_TOKENS)
+  assert list(src_vocab)[:4] == list(parallel_text.SPECIAL_TOKENS)
   # Most frequent first, ties alphabetical: the(4) cat(3) .(3) sat(2) then the single words.
   assert list(src_vocab)[4:8] == ["the", ".", "cat", "sat"]
   assert config.source_vocab == len(src_vocab) == 4 + 13
@@ -272,19 +272,19 @@ def test_parallel_text_reader(tmp_path):
 def test_vocabulary_cap_maps_rare_words_to_unk(tmp_path):
   write_corpus(tmp_path)
   config = checks.build("seq2seq", source_vocab=6)[0]
-  source, config = seq2seq.load_data(config, str(tmp_path))
+  source, config = parallel_text.load_data(config, str(tmp_path))
   assert config.source_vocab == 6
   src_vocab, _ = source.vocabularies
-  assert list(src_vocab) == list(seq2seq.SPECIAL_TOKENS) + ["the", "."]
+  assert list(src_vocab) == list(parallel_text.SPECIAL_TOKENS) + ["the", "."]
   first = source.arrays["source"][0].tolist()
-  assert first == [0, src_vocab["."], seq2seq.UNK, seq2seq.UNK, src_vocab["the"]]
+  assert first == [0, src_vocab["."], parallel_text.UNK, parallel_text.UNK, src_vocab["the"]]
 
 
 def test_source_file_path_and_languages(tmp_path):
   (tmp_path / "corpus.de").write_text("ein haus\n", encoding="utf-8")
   (tmp_path / "corpus.en").write_text("a house\n", encoding="utf-8")
   config = checks.build("seq2seq", source_lang="de", target_lang="en")[0]
-  source, _ = seq2seq.load_data(config, str(tmp_path / "corpus.de"))
+  source, _ = parallel_text.load_data(config, str(tmp_path / "corpus.de"))
   assert source.num_examples == 1
 
 
@@ -296,19 +296,19 @@ def test_source_file_path_and_languages(tmp_path):
 def test_reader_errors(tmp_path, src, tgt, message):
   write_corpus(tmp_path, src, tgt)
   with pytest.raises(DataError, match=message):
-    seq2seq.load_data(checks.build("seq2seq")[0], str(tmp_path))
+    parallel_text.load_data(checks.build("seq2seq")[0], str(tmp_path))
 
 
 def test_reader_file_errors(tmp_path):
   config = checks.build("seq2seq")[0]
   (tmp_path / "train.en").write_text("a\n")
   with pytest.raises(DataError, match="train.fr: no such file"):
-    seq2seq.load_data(config, str(tmp_path))
+    parallel_text.load_data(config, str(tmp_path))
   (tmp_path / "train.fr").write_bytes(b"ok\n\xff\xfe\n")
   with pytest.raises(DataError, match=r"train.fr:2: not UTF-8"):
-    seq2seq.load_data(config, str(tmp_path))
+    parallel_text.load_data(config, str(tmp_path))
   with pytest.raises(DataError, match="want a folder"):
-    seq2seq.load_data(config, str(tmp_path / "train.fr"))
+    parallel_text.load_data(config, str(tmp_path / "train.fr"))
 
 
 def test_pairs_with_undecodable_lines_skipped_and_counted(tmp_path):
@@ -317,7 +317,7 @@ def test_pairs_with_undecodable_lines_skipped_and_counted(tmp_path):
   tgt[1] = b"le chien \xe9tait ."  # Latin-1, not UTF-8
   (tmp_path / "train.fr").write_bytes(b"\n".join(tgt))
   config = checks.build("seq2seq")[0]
-  source, _ = seq2seq.load_data(config, str(tmp_path), bad_samples="skip")
+  source, _ = parallel_text.load_data(config, str(tmp_path), bad_samples="skip")
   assert source.num_examples == 2  # of the 3 that fit, the dog's pair is gone
   src_vocab, _ = source.vocabularies
   assert "dog" not in src_vocab and "cat" in src_vocab
@@ -326,16 +326,16 @@ def test_pairs_with_undecodable_lines_skipped_and_counted(tmp_path):
       "skipped": 1, "first": [f"{tmp_path / 'train.fr'}:2: not UTF-8 text (invalid continuation "
                               "byte)"]}
   with pytest.raises(DataError, match="train.fr:2: not UTF-8") as info:
-    seq2seq.load_data(config, str(tmp_path))
+    parallel_text.load_data(config, str(tmp_path))
   assert "\n" not in str(info.value)
   (tmp_path / "train.en").write_bytes(b"\xff\n" * 5)
   with pytest.raises(DataError, match="train.en: no usable samples; 5 bad ones skipped"):
-    seq2seq.load_data(config, str(tmp_path), bad_samples="skip")
+    parallel_text.load_data(config, str(tmp_path), bad_samples="skip")
 
 
 def test_unicode_line_separators_do_not_split_sentences(tmp_path):
   write_corpus(tmp_path, "a\u2028b\nc\n", "x\ny\n")
-  source, _ = seq2seq.load_data(checks.build("seq2seq")[0], str(tmp_path))
+  source, _ = parallel_text.load_data(checks.build("seq2seq")[0], str(tmp_path))
   assert source.num_examples == 2
 
 

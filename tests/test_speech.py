@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fathom_jax import audio, runner
+from fathom_jax import audio, model_steps, timit
 from fathom_jax.errors import DataError, UsageError
 from fathom_jax.tuned import speech as tuned_speech
 from fathom_jax.workloads import speech
@@ -29,9 +29,9 @@ def test_parameter_count_matches_architecture():
 
 
 def test_timit_phone_set():
-  assert len(speech.TIMIT_PHONES) == len(set(speech.TIMIT_PHONES)) == 61
+  assert len(timit.TIMIT_PHONES) == len(set(timit.TIMIT_PHONES)) == 61
   assert speech.PRESETS["paper"].num_classes == 62
-  assert min(speech.PHONE_IDS.values()) == 1 and speech.BLANK == 0
+  assert min(timit.PHONE_IDS.values()) == 1 and speech.BLANK == 0
 
 
 def test_bad_optimizer():
@@ -66,7 +66,7 @@ def test_synthetic_batch_and_shapes(tiny):
 
 
 def train(model, batch, seeds, steps):
-  step = jax.jit(runner.make_train_step(model))
+  step = jax.jit(model_steps.make_train_step(model))
   runs = []
   for seed in seeds:
     state = checks.init_train_state(model, jax.random.key(seed), batch)
@@ -246,14 +246,14 @@ def test_wav_reader(tmp_path):
   write_wav(tmp_path / "short.wav", 0.03)  # 2 frames cannot hold "aa aa" (needs 3)
   (tmp_path / "short.txt").write_text("aa aa")
   base = checks.build("speech")[0]
-  source, config = speech.load_data(base, str(tmp_path))
+  source, config = timit.load_data(base, str(tmp_path))
   assert config.num_classes == 62 and config.features == 26
   summary = source.summary()
   assert source.num_examples == 2
   assert summary["wav_files"] == 4 and summary["dropped_too_long"] == 1
   assert summary["dropped_unalignable"] == 1 and summary["sample_rates"] == [RATE]
   arrays = source.arrays
-  ids = speech.PHONE_IDS
+  ids = timit.PHONE_IDS
   # Sorted paths: a.wav before dr1/B.WAV.
   assert arrays["labels"][0].tolist() == [ids["h#"], ids["sh"], ids["ix"], ids["h#"], 0, 0]
   assert arrays["labels"][1].tolist() == [ids["h#"], ids["aa"], ids["h#"], 0, 0, 0]
@@ -291,7 +291,7 @@ def test_wav_reader(tmp_path):
 def test_reader_errors(tmp_path, setup, message):
   setup(tmp_path)
   with pytest.raises(DataError, match=message):
-    speech.load_data(checks.build("speech")[0], str(tmp_path))
+    timit.load_data(checks.build("speech")[0], str(tmp_path))
 
 
 def test_unreadable_utterances_skipped_and_counted(tmp_path):
@@ -303,7 +303,7 @@ def test_unreadable_utterances_skipped_and_counted(tmp_path):
   (tmp_path / "c.txt").write_text("aa")
   write_wav(tmp_path / "d.wav", 0.1)  # no transcript
   base = checks.build("speech")[0]
-  source, _ = speech.load_data(base, str(tmp_path), bad_samples="skip")
+  source, _ = timit.load_data(base, str(tmp_path), bad_samples="skip")
   assert source.num_examples == 1
   summary = source.summary()
   assert summary["wav_files"] == 4 and summary["bad_samples"]["skipped"] == 3
@@ -312,14 +312,14 @@ def test_unreadable_utterances_skipped_and_counted(tmp_path):
       f"{tmp_path / 'c.wav'}: WAV encoding is IEEE float; want 16-bit PCM",
       f"{tmp_path / 'd.wav'}: no transcript beside it (d.txt or .phn)"]
   with pytest.raises(DataError, match="b.wav: WAV encoding is 8-bit PCM") as info:
-    speech.load_data(base, str(tmp_path))
+    timit.load_data(base, str(tmp_path))
   assert "\n" not in str(info.value)
   os.remove(tmp_path / "a.wav")
   with pytest.raises(DataError, match="no usable samples; 3 bad ones skipped"):
-    speech.load_data(base, str(tmp_path), bad_samples="skip")
+    timit.load_data(base, str(tmp_path), bad_samples="skip")
 
 
 def test_reader_wants_a_folder(tmp_path):
   write_wav(tmp_path / "x.wav", 0.1)
   with pytest.raises(DataError, match="want a folder"):
-    speech.load_data(checks.build("speech")[0], str(tmp_path / "x.wav"))
+    timit.load_data(checks.build("speech")[0], str(tmp_path / "x.wav"))

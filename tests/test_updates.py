@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fathom_jax import runner
+from fathom_jax import model_steps
 from fathom_jax.tuned import updates
 from tests import workload_checks as checks
 
@@ -37,9 +37,9 @@ def test_small_parameter_trees_are_left_alone():
 
 def _parameter_copies(model, batch):
   """Parameter arrays of more than 64 elements that the compiled train step copies."""
-  state = jax.eval_shape(functools.partial(runner.init_train_state, model), jax.random.key(0),
+  state = jax.eval_shape(functools.partial(model_steps.init_train_state, model), jax.random.key(0),
                          batch)
-  step = jax.jit(runner.make_train_step(model), donate_argnums=0)
+  step = jax.jit(model_steps.make_train_step(model), donate_argnums=0)
   text = step.lower(state, batch).compile().as_text()
   copies = re.findall(r"= f32\[([\d,]*)\]\{[\d,]*\} copy\(%state__params(\S*?)\.\d+\)", text)
   return sorted(name for dims, name in copies
@@ -64,7 +64,7 @@ def test_ordered_updates_train_the_same(ordered_always, monkeypatch):
 
   def losses():
     state = checks.init_train_state(model, jax.random.key(0), batch)
-    step = jax.jit(runner.make_train_step(model))
+    step = jax.jit(model_steps.make_train_step(model))
     out = []
     for _ in range(4):
       state, metrics = step(state, batch)

@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fathom_jax import runner
+from fathom_jax import model_steps
 from fathom_jax.errors import UsageError
 from fathom_jax.tuned import alexnet as tuned_alexnet
 from fathom_jax.tuned import layers
@@ -33,7 +33,7 @@ def key(seed, impl=None):
 def jitted(model):
   """One compiled init and train step per model, shared by the runs of a test."""
   return (functools.partial(checks.init_train_state, model),
-          jax.jit(runner.make_train_step(model)))
+          jax.jit(model_steps.make_train_step(model)))
 
 
 def train(model, batch_size, steps, seed=0, impl=None):
@@ -292,7 +292,7 @@ def test_residual_stage_layout_changes_no_result():
 def test_bfloat16_computes_in_bf16_with_f32_params(name, changes):
   _, model = checks.build(name, dtype="bfloat16", **changes)
   batch = checks.synthetic_batch(model, 1, 4)
-  init = functools.partial(runner.init_train_state, model)
+  init = functools.partial(model_steps.init_train_state, model)
   shapes = jax.eval_shape(init, jax.random.key(0), batch)
   assert {x.dtype for x in jax.tree.leaves(shapes["params"])} == {jnp.dtype(jnp.float32)}
   assert {x.dtype for x in jax.tree.leaves(shapes["opt_state"])
@@ -301,7 +301,7 @@ def test_bfloat16_computes_in_bf16_with_f32_params(name, changes):
                              {**shapes["model_state"], "params": shapes["params"]}, batch, rng=None)
   assert logits.dtype == jnp.bfloat16
   state = checks.init_train_state(model, key(0, "rbg"), batch)
-  lowered = jax.jit(runner.make_train_step(model)).lower(state, batch)
+  lowered = jax.jit(model_steps.make_train_step(model)).lower(state, batch)
   # Every convolution (forward and backward) computes in bf16.
   conv_types = re.findall(r"= (\w+)\[[^\]]*\]\S* convolution\(", lowered.as_text(dialect="hlo"))
   assert conv_types and set(conv_types) == {"bf16"}

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fathom_jax import runner
+from fathom_jax import model_steps
 from fathom_jax.analysis import categories, hlo
 from fathom_jax.tuned import winograd
 from tests import workload_checks as checks
@@ -121,7 +121,7 @@ def _train(name, enabled, steps, **changes):
                           **changes)
   batch = checks.synthetic_batch(model, 1, 4)
   state = checks.init_train_state(model, jax.random.key(0), batch)
-  step = jax.jit(runner.make_train_step(model)).lower(state, batch).compile()
+  step = jax.jit(model_steps.make_train_step(model)).lower(state, batch).compile()
   before, losses, update = state["params"], [], None
   for _ in range(steps):
     state, metrics = step(state, batch)

@@ -7,7 +7,7 @@ import numpy as np
 
 from fathom_jax import compiling
 from fathom_jax import config as config_lib
-from fathom_jax import runner, tuned
+from fathom_jax import model_steps, tuned
 from fathom_jax.workloads import registry
 
 
@@ -25,7 +25,7 @@ def build(name: str, preset: str = "tiny", dtype: str = "float32",
 
 def parameter_count(name: str, preset: str = "paper", **changes) -> int:
   _, model = build(name, preset, **changes)
-  return runner.count_parameters(model)
+  return model_steps.count_parameters(model)
 
 
 def synthetic_batch(model, seed: int, batch_size: int):
@@ -37,7 +37,7 @@ def synthetic_batch(model, seed: int, batch_size: int):
 
 def init_train_state(model, rng, batch):
   """The initial train state, made as the runner makes it."""
-  return compiling.run_once(functools.partial(runner.init_train_state, model), rng, batch)
+  return compiling.run_once(functools.partial(model_steps.init_train_state, model), rng, batch)
 
 
 def init_variables(model, rng, batch):
@@ -50,7 +50,7 @@ def train_losses(model, batch_size: int, steps: int, seed: int = 0, jit: bool = 
   by op (the batch and the initial state are the same either way)."""
   batch = synthetic_batch(model, seed + 1, batch_size)
   state = init_train_state(model, jax.random.key(seed), batch)
-  step = runner.make_train_step(model)
+  step = model_steps.make_train_step(model)
   if jit:
     step = jax.jit(step)
   losses = []
@@ -83,4 +83,4 @@ def assert_jit_matches_eager(model, batch_size: int, steps: int = 2, rtol: float
 def infer_outputs(model, batch_size: int, seed: int = 0):
   batch = synthetic_batch(model, seed + 1, batch_size)
   variables = init_variables(model, jax.random.key(seed), batch)
-  return jax.jit(runner.make_infer_step(model))(variables, batch, jax.random.key(seed + 2))
+  return jax.jit(model_steps.make_infer_step(model))(variables, batch, jax.random.key(seed + 2))

@@ -2,7 +2,7 @@
 
 A workload is a name, a frozen config dataclass with named size presets, and `build(config, dtype)`,
 which returns a `Model`: pure functions closed over the config. Training and inference steps are
-assembled from a `Model` by the shared runner (`fathom_jax.runner`), never by the workloads.
+assembled from a `Model` by `fathom_jax.model_steps`, never by the workloads.
 """
 
 import dataclasses
