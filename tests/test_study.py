@@ -19,13 +19,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SETTINGS = study.Settings(
     workloads=("memnet", "autoenc"), preset="tiny", steps=3, warmup_steps=1,
     fusion_workloads=("memnet",), thread_workloads=("memnet",), thread_counts=(1, 2),
-    device_workloads=("memnet",), device_counts=(1, 2), device_batch={"memnet": 8})
+    device_workloads=("memnet",), device_counts=(1, 2), device_batch={"memnet": 8},
+    implementation_workloads=("memnet",))
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-  """A study run to the end: 4 suite runs, memnet unfused and eager, at 1 and 2 CPUs and on 1
-  and 2 devices."""
+  """A study run to the end: 4 suite runs, memnet unfused and eager, at 1 and 2 CPUs, on 1 and
+  2 devices, and as reference and tuned."""
   folder = str(tmp_path_factory.mktemp("study"))
   lines = []
   outcomes = study.execute(folder, SETTINGS, ["--test"], say=lines.append)
@@ -39,21 +40,24 @@ def _csv(folder, name):
 
 def test_every_point_completes_and_the_report_has_every_section(finished):
   folder, outcomes, _ = finished
-  assert len(outcomes) == len(study.plan(SETTINGS)) == 10
+  assert len(outcomes) == len(study.plan(SETTINGS)) == 12
   assert {o["status"] for o in outcomes.values()} == {"completed"}, outcomes
   with open(os.path.join(folder, report.REPORT_FILE)) as f:
     text = f.read()
   for heading in ("## The suite", "## Training versus inference", "## Similarity",
                   "## Fused versus per-op execution", "## CPU thread scaling",
-                  "## Device scaling", "## Roofline", "## Runs"):
+                  "## Device scaling", "## What the breakdown found in XLA:CPU",
+                  "## Roofline", "## Runs"):
     assert heading in text
   for name in ("breakdown", "dendrogram_train", "dendrogram_infer", "fusion", "threads",
-               "devices", "roofline"):
+               "devices", "implementations", "roofline"):
     path = os.path.join(folder, report.FIGURES, f"{name}.png")
     assert os.path.getsize(path) > 1000 and f"figures/{name}.png" in text
   # The machine, the versions and the commands that reproduce every run.
   assert "jax 0." in text and "python -m fathom_jax.study --test" in text
-  assert text.count("`python run.py --workload=") == 10
+  assert text.count("`python run.py --workload=") == 12
+  assert text.count("--quiet --execution=compiled --implementation=reference`") == 1
+  assert text.count("--quiet --execution=compiled --implementation=tuned`") == 1
   suite = _csv(folder, "suite.csv")
   assert {(r["workload"], r["mode"]) for r in suite} == {
       (w, m) for w in ("memnet", "autoenc") for m in ("train", "infer")}
@@ -106,6 +110,22 @@ def test_amdahl_fit_recovers_the_parallel_fraction_of_synthetic_timings(p):
   assert fit["t1_s"] == pytest.approx(0.3)
   noisy = [t * (1 + 0.02 * (-1) ** i) for i, t in enumerate(times)]
   assert scaling.amdahl_fit(counts, noisy)["parallel_fraction"] == pytest.approx(p, abs=0.05)
+
+
+def test_reference_and_tuned_are_compared_class_by_class(finished):
+  folder = finished[0]
+  (row,) = _csv(folder, "implementations.csv")
+  assert row["workload"] == "memnet"
+  reference, tuned = float(row["reference_ms"]), float(row["tuned_ms"])
+  assert reference > 0 and tuned > 0
+  assert float(row["speedup"]) == pytest.approx(reference / tuned, rel=1e-6)
+  # Each implementation's classes add up to the part of its step that op events cover.
+  runs = {r.point.implementation: r for r in report.load(folder)[1]
+          if r.point.kind == "implementation"}
+  assert {r.record["implementation"] for r in runs.values()} == {"reference", "tuned"}
+  for name, run in runs.items():
+    classes = sum(float(row[f"{name}_ms:{c}"]) for c in report.CLASSES)
+    assert classes == pytest.approx(run.summary["coverage"] * run.step_s * 1e3, rel=1e-6)
 
 
 def test_thread_and_device_scaling_sections(finished):
@@ -177,6 +197,7 @@ def _study_cli(*args, cwd=None):
     (["--steps=0"], "--steps must be positive"),
     (["--backend=quantum"], "error: flag --backend"),
     (["stray"], "unexpected arguments"),
+    (["--workloads=memnet", "--implementation_workloads=autoenc"], "outside --workloads"),
 ])
 def test_bad_study_flags_give_one_line_and_exit_2(args, message, tmp_path):
   proc = _study_cli(*args, f"--output_dir={tmp_path / 's'}")

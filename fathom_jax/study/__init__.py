@@ -52,15 +52,17 @@ class Settings:
   device_counts: tuple[int, ...] = ()
   device_batch: dict = dataclasses.field(default_factory=dict)  # workload -> global batch
   implementation: Optional[str] = None  # every run's; None: run.py's default for the backend
+  implementation_workloads: tuple[str, ...] = ()  # train step as reference and as tuned (CPU)
 
 
 @dataclasses.dataclass(frozen=True)
 class Point:
   """One run of the study: a workload, mode and the one knob this point varies."""
-  kind: str  # 'suite', 'fusion', 'threads' or 'devices'
+  kind: str  # 'suite', 'fusion', 'threads', 'devices' or 'implementation'
   workload: str
   mode: str
   execution: str = "compiled"
+  implementation: Optional[str] = None
   cpus: Optional[int] = None
   devices: Optional[int] = None
   batch_size: Optional[int] = None
@@ -68,7 +70,8 @@ class Point:
   @property
   def id(self) -> str:
     knob = {"suite": "", "fusion": f"-{self.execution}", "threads": f"-cpus{self.cpus}",
-            "devices": f"-devices{self.devices}"}[self.kind]
+            "devices": f"-devices{self.devices}",
+            "implementation": f"-{self.implementation}"}[self.kind]
     return f"{self.kind}-{self.workload}-{self.mode}{knob}"
 
   def arguments(self, settings: Settings) -> list[str]:
@@ -77,8 +80,9 @@ class Point:
             "--quiet", f"--execution={self.execution}"]
     if settings.backend:
       args.append(f"--backend={settings.backend}")
-    if settings.implementation:
-      args.append(f"--implementation={settings.implementation}")
+    implementation = self.implementation or settings.implementation
+    if implementation:
+      args.append(f"--implementation={implementation}")
     if self.cpus is not None:
       args.append(f"--cpus={self.cpus}")
     if self.devices is not None:
@@ -98,6 +102,8 @@ def plan(settings: Settings) -> list[Point]:
              for n in settings.thread_counts]
   points += [Point("devices", w, "train", devices=n, batch_size=settings.device_batch.get(w))
              for w in settings.device_workloads for n in settings.device_counts]
+  points += [Point("implementation", w, "train", implementation=i)
+             for w in settings.implementation_workloads for i in ("reference", "tuned")]
   return points
 
 

@@ -1,5 +1,6 @@
 """python -m fathom_jax.study: plan, run (or resume) and report a study; see fathom_jax.study."""
 
+import importlib.util
 import os
 import sys
 from typing import Optional, Sequence
@@ -8,6 +9,9 @@ from absl import app, flags
 
 from fathom_jax import flagparse, study
 from fathom_jax.errors import UsageError
+
+# Packages whose presence means JAX will pick an accelerator over the CPU.
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin", "libtpu")
 
 
 FLAGS = flags.FLAGS
@@ -29,6 +33,10 @@ flags.DEFINE_list("thread_counts", None,
 flags.DEFINE_string("device_workloads", "all",
                     "Workloads measured at each device count ('none' to skip).")
 flags.DEFINE_list("device_counts", ["1", "2", "4", "8"], "Device counts of device scaling.")
+flags.DEFINE_string("implementation_workloads", "tuned",
+                    "Workloads whose train step also runs as reference and as tuned, compared "
+                    "class by class ('tuned': those with a tuned implementation, where the runs "
+                    "are on the CPU; 'none' to skip).")
 flags.DEFINE_integer("run_timeout_s", 3600, "Longest one run may take before it counts as failed.")
 flags.DEFINE_bool("report_only", False, "Rebuild the report from the runs present; run nothing.")
 
@@ -57,6 +65,18 @@ def _counts(values: Sequence[str], flag: str, limit: Optional[int] = None) -> tu
   return counts
 
 
+def _implementation_workloads(suite: list[str]) -> tuple[str, ...]:
+  from fathom_jax import tuned
+  if FLAGS.implementation_workloads.strip() != "tuned":
+    return _subset(FLAGS.implementation_workloads, suite, "implementation_workloads")
+  # The tuned implementation runs on the CPU only: by default, compare where the runs are on it
+  # (an accelerator's plugin installed counts as runs elsewhere unless --backend=cpu).
+  accelerator = any(importlib.util.find_spec(p) for p in ACCELERATOR_PLUGINS)
+  if FLAGS.backend not in (None, "cpu") or (FLAGS.backend is None and accelerator):
+    return ()
+  return tuple(w for w in suite if w in tuned.TUNED)
+
+
 def settings_from_flags() -> study.Settings:
   from fathom_jax import config as config_lib
   from fathom_jax.workloads import registry
@@ -81,7 +101,8 @@ def settings_from_flags() -> study.Settings:
       fusion_workloads=_subset(FLAGS.fusion_workloads, suite, "fusion_workloads"),
       thread_workloads=_subset(FLAGS.thread_workloads, suite, "thread_workloads"),
       thread_counts=threads, device_workloads=device_workloads, device_counts=devices,
-      device_batch={w: study.device_batch(w, FLAGS.preset, devices) for w in device_workloads})
+      device_batch={w: study.device_batch(w, FLAGS.preset, devices) for w in device_workloads},
+      implementation_workloads=_implementation_workloads(suite))
 
 
 def main(argv: list[str]) -> None:
