@@ -1,38 +1,21 @@
 """Property tests: the trace reader and the breakdown on a mutated real trace either work or raise
 our DataError in one line naming the file."""
 
-import subprocess
-import sys
-
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from fathom_jax.analysis import breakdown, trace
 from fathom_jax.errors import DataError
+from tests.trace_recording import record
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-# Recorded in a process of its own: a trace embeds the HLO of every program its process has
-# compiled, so one recorded here, after other tests' models, would be megabytes and make every
-# example slow.
-_RECORD = """
-import sys, jax, jax.numpy as jnp
-f = jax.jit(lambda x: jnp.tanh(x @ x).sum())
-x = jnp.ones((16, 16))
-f(x).block_until_ready()
-with jax.profiler.trace(sys.argv[1]):
-  for i in range(2):
-    with jax.profiler.StepTraceAnnotation("train", step_num=i):
-      f(x).block_until_ready()
-"""
-
-
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
-  """The bytes of a real trace: two annotated steps of a small jitted function, HLO embedded."""
+  """The bytes of a real trace: two annotated steps of a small jitted program, HLO embedded."""
   logdir = tmp_path_factory.mktemp("trace")
-  subprocess.run([sys.executable, "-c", _RECORD, str(logdir)], check=True, timeout=300)
+  record(logdir, steps=2)
   (path,) = trace.find_xplanes(str(logdir))
   with open(path, "rb") as fh:
     data = fh.read()

@@ -4,6 +4,7 @@ gradient one matmul over all frames after the loop), dense layers by `layers.Den
 written out before the loss, and the library kernels chosen per product."""
 
 import dataclasses
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -90,27 +91,13 @@ def bidirectional_rnn(inputs, valid, forward, backward, clip: float):
   return hs[0] + jnp.flip(hs[1], 1)
 
 
-class DeepSpeech(nn.Module):
-  config: speech.Config
-  dtype: jnp.dtype = jnp.float32
+class DeepSpeech(speech.DeepSpeech):
+  """The reference network with Eigen's dense layers, the recurrence above, and its output
+  written out."""
+  dense: speech.ModuleDef = layers.Dense
+  rnn: Callable = bidirectional_rnn
 
-  @nn.compact
-  def __call__(self, features, lengths):
-    c = self.config
-    g = lambda x: jnp.minimum(nn.relu(x), c.clip)
-    dense = lambda n, name: layers.Dense(n, dtype=self.dtype, name=name,
-                                         kernel_init=nn.initializers.he_normal())
-    x = features.astype(self.dtype)
-    for i in range(1, 4):
-      x = g(dense(c.hidden, f"dense_{i}")(x))
-    projected = dense(c.hidden, "recurrent_input")(x)  # W4 h3 + b4, shared by both directions
-    init = nn.initializers.orthogonal()
-    forward = self.param("forward", init, (c.hidden, c.hidden)).astype(self.dtype)
-    backward = self.param("backward", init, (c.hidden, c.hidden)).astype(self.dtype)
-    valid = jnp.arange(features.shape[1]) < lengths[:, None]
-    x = bidirectional_rnn(projected, valid, forward, backward, c.clip)
-    x = g(dense(c.hidden, "dense_5")(x))
-    output = dense(c.num_classes, "output")
+  def logits(self, output: nn.Module, x):
     # Written out: otherwise YNNPACK's fusion of the loss's first reduction (a max over the
     # classes) took in the [12528, 1024] x [1024, 62] product and ran it at 63 GFLOP/s.
     return layers.materialize(output(x), layers.param_element(output, "bias"))

@@ -27,7 +27,7 @@ or too short to align their labels under CTC, are dropped and counted in the dat
 """
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
@@ -41,6 +41,7 @@ from fathom_jax.errors import UsageError
 from fathom_jax.timit import TIMIT_PHONES
 from fathom_jax.workloads import base
 
+ModuleDef = Any
 BLANK = 0
 OPTIMIZERS = ("sgd", "adam")
 
@@ -106,13 +107,19 @@ def bidirectional_rnn(inputs, valid, forward, backward, clip: float):
 class DeepSpeech(nn.Module):
   config: Config
   dtype: Any = jnp.float32
+  dense: ModuleDef = nn.Dense
+  rnn: Callable = bidirectional_rnn
+
+  def logits(self, output: nn.Module, x):
+    """The output layer applied to x."""
+    return output(x)
 
   @nn.compact
   def __call__(self, features, lengths):
     c = self.config
     g = lambda x: jnp.minimum(nn.relu(x), c.clip)
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype, name=name,
-                                     kernel_init=nn.initializers.he_normal())
+    dense = lambda n, name: self.dense(n, dtype=self.dtype, name=name,
+                                       kernel_init=nn.initializers.he_normal())
     x = features.astype(self.dtype)
     for i in range(1, 4):
       x = g(dense(c.hidden, f"dense_{i}")(x))
@@ -121,9 +128,9 @@ class DeepSpeech(nn.Module):
     forward = self.param("forward", init, (c.hidden, c.hidden)).astype(self.dtype)
     backward = self.param("backward", init, (c.hidden, c.hidden)).astype(self.dtype)
     valid = jnp.arange(features.shape[1]) < lengths[:, None]
-    x = bidirectional_rnn(projected, valid, forward, backward, c.clip)
+    x = self.rnn(projected, valid, forward, backward, c.clip)
     x = g(dense(c.hidden, "dense_5")(x))
-    return dense(c.num_classes, "output")(x)
+    return self.logits(dense(c.num_classes, "output"), x)
 
 
 def _paddings(lengths, size: int):
