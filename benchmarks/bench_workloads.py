@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from absl import app, flags  # noqa: E402
 import jax  # noqa: E402
 
-from fathom_jax import compiling, environment, host_memory, model_steps, peaks, runner  # noqa: E402
+from fathom_jax import (  # noqa: E402
+    compiling, environment, host_memory, model_steps, peaks, runner, tuned)
 from fathom_jax.analysis import cost, hlo  # noqa: E402
 from fathom_jax.workloads import registry  # noqa: E402
 
@@ -73,18 +74,12 @@ def _overrides(name: str) -> tuple:
   return tuple(o.split(":", 1)[1] for o in FLAGS.override if o.split(":", 1)[0] == name)
 
 
-def direct_convolutions(spec: runner.RunSpec) -> runner.RunSpec:
-  """The spec with Winograd's algorithm off where the workload's config has it, so that model
-  FLOPs count every convolution's direct multiply-adds, whichever algorithm computes it."""
-  fields = {f.name for f in dataclasses.fields(registry.get(spec.workload).config_cls)}
-  if "winograd" not in fields:
-    return spec
-  return dataclasses.replace(spec, overrides=spec.overrides + ("winograd=false",))
-
-
 def model_flops(spec: runner.RunSpec) -> float:
-  """FLOPs of the step with direct convolutions, loops counted once per iteration."""
-  resolved = runner.resolve(direct_convolutions(spec))
+  """FLOPs of the step as the reference implementation writes it (direct convolutions, where the
+  tuned one may use Winograd's algorithm), loops counted once per iteration."""
+  config_overrides, _ = tuned.split_overrides(spec.workload, spec.overrides)
+  resolved = runner.resolve(dataclasses.replace(spec, implementation="reference",
+                                                overrides=config_overrides))
   model, batch_size = resolved.model, resolved.batch_size
   key = jax.random.key(0)
   batch = jax.eval_shape(lambda k: model.synthetic_batch(k, batch_size), key)

@@ -63,6 +63,7 @@ class Resolved:
   source: Any
   batch_size: int
   implementation: str
+  options: Any = None  # the tuned implementation's options, where it has any
 
 
 def resolve(spec: RunSpec) -> Resolved:
@@ -82,7 +83,8 @@ def resolve(spec: RunSpec) -> Resolved:
                        f"got {getattr(spec, name)}")
   workload = registry.get(spec.workload)
   config = config_lib.preset(workload.presets, spec.preset, workload.name)
-  config = config_lib.apply_overrides(config, spec.overrides)
+  config_overrides, option_overrides = tuned.split_overrides(workload.name, spec.overrides)
+  config = config_lib.apply_overrides(config, config_overrides)
   if spec.batch_size is not None:
     if spec.batch_size <= 0:
       raise UsageError(f"--batch_size must be positive, got {spec.batch_size}")
@@ -99,12 +101,20 @@ def resolve(spec: RunSpec) -> Resolved:
     source, config = workload.load_data(config, spec.data, bad_samples=spec.bad_samples)
   platform = environment.select_devices(spec.backend)[0].platform
   implementation = tuned.choose(spec.implementation, platform)
-  model = (tuned.build(workload, config, spec.dtype) if implementation == "tuned"
-           else workload.build(config, spec.dtype))
+  if option_overrides and implementation != "tuned":
+    name = option_overrides[0].partition("=")[0].strip()
+    raise UsageError(f"{name!r} is an option of the tuned implementation; it does not apply to "
+                     f"the {implementation} implementation")
+  options = None
+  if implementation == "tuned":
+    options = tuned.make_options(workload.name, option_overrides)
+    model = tuned.build(workload, config, spec.dtype, options)
+  else:
+    model = workload.build(config, spec.dtype)
   if source is None:
     source = (workload.default_source(config, model) if workload.default_source
               else data_lib.SyntheticSource(model.synthetic_batch))
-  return Resolved(workload, config, model, source, config.batch_size, implementation)
+  return Resolved(workload, config, model, source, config.batch_size, implementation, options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +214,8 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
       "implementation": resolved.implementation,
       "spec": dataclasses.asdict(spec),
       "config": config_lib.to_dict(resolved.config),
+      "implementation_options": (config_lib.to_dict(resolved.options)
+                                 if resolved.options is not None else None),
       "example_unit": resolved.workload.example_unit,
       "environment": environment.describe(devices),
       "parallelism": {"num_devices": placement.num_devices, "mesh_axes": [placement_lib.DATA_AXIS],

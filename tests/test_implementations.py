@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fathom_jax import model_steps, tuned
+from fathom_jax import model_steps, runner, tuned
 from fathom_jax.errors import UsageError
 from fathom_jax.workloads import registry
 from tests import workload_checks as checks
@@ -122,3 +122,30 @@ def test_tuned_applies_only_where_it_was_measured():
     tuned.choose("tuned", "gpu")
   with pytest.raises(UsageError, match="unknown implementation 'fast'"):
     tuned.choose("fast", "cpu")
+
+
+def test_tuned_options_live_beside_the_papers_config():
+  # The tuning's own choices are no field of any workload's config, and every workload whose
+  # tuning has options keeps them apart from its config's fields.
+  for name in NAMES:
+    options = tuned.options_class(name)
+    fields = set(registry.get(name).config_cls.__dataclass_fields__)
+    assert not {"winograd", "channels_first_stages"} & fields, name
+    if options is not None:
+      assert not set(options.__dataclass_fields__) & fields, name
+
+
+def test_tuned_options_are_set_with_overrides():
+  spec = lambda implementation, *overrides: runner.RunSpec(
+      "residual", overrides=("depth=18",) + overrides, implementation=implementation)
+  resolved = runner.resolve(spec("tuned", "winograd=false", "channels_first_stages=1,2"))
+  assert resolved.config.depth == 18
+  assert resolved.options == tuned.options_class("residual")(False, (1, 2))
+  assert runner.resolve(spec("tuned")).options == tuned.options_class("residual")()
+  assert runner.resolve(spec("reference")).options is None
+  with pytest.raises(UsageError, match="'winograd' is an option of the tuned implementation"):
+    runner.resolve(spec("reference", "winograd=false"))
+  with pytest.raises(UsageError, match="stage numbers 0-3"):
+    runner.resolve(spec("tuned", "channels_first_stages=1,4"))
+  with pytest.raises(UsageError, match="unknown config field 'winograd'"):
+    runner.resolve(runner.RunSpec("memnet", overrides=("winograd=false",)))

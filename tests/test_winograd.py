@@ -114,11 +114,11 @@ def test_breakdown_files_winograd_under_convolution():
     assert categories.xla_category(dot) == "dot"
 
 
-def _train(name, enabled, steps, **changes):
+def _train(name, enabled, steps, options=None, **changes):
   """Losses of `steps` train steps, the first step's parameter update, and the number of
   convolutions in the compiled step, at widths (64-128 channels) where Winograd takes over."""
-  _, model = checks.build(name, implementation="tuned", base_width=16, winograd=enabled,
-                          **changes)
+  _, model = checks.build(name, implementation="tuned", base_width=16,
+                          options={"winograd": enabled, **(options or {})}, **changes)
   batch = checks.synthetic_batch(model, 1, 4)
   state = checks.init_train_state(model, jax.random.key(0), batch)
   step = jax.jit(model_steps.make_train_step(model)).lower(state, batch).compile()
@@ -146,10 +146,10 @@ def test_residual_first_step_alike_with_and_without_winograd():
   # first updates differ by 2%). So: the first loss, and the first update to 1% of its size.
   # NHWC throughout: at these 1x1 maps a change of layout alone moves the first update by up
   # to 54% of a leaf (tests/test_vision.py compares the layouts by the whole update's norm).
-  (loss, *_), update, convolutions = _train("residual", True, 1, depth=18,
-                                                  channels_first_stages=())
+  nhwc = {"channels_first_stages": ()}
+  (loss, *_), update, convolutions = _train("residual", True, 1, nhwc, depth=18)
   (direct_loss, *_), direct_update, direct_convolutions = _train(
-      "residual", False, 1, depth=18, channels_first_stages=())
+      "residual", False, 1, nhwc, depth=18)
   assert convolutions < direct_convolutions
   np.testing.assert_allclose(loss, direct_loss, rtol=1e-5)
   for a, b in zip(jax.tree.leaves(update), jax.tree.leaves(direct_update)):

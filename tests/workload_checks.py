@@ -12,14 +12,19 @@ from fathom_jax.workloads import registry
 
 
 def build(name: str, preset: str = "tiny", dtype: str = "float32",
-          implementation: str = "reference", **changes):
-  """(config, model) of a workload's preset with `changes`, in either implementation."""
+          implementation: str = "reference", options=None, **changes):
+  """(config, model) of a workload's preset with `changes`, in either implementation; `options`
+  (a dict) sets the tuned implementation's options."""
   workload = registry.get(name)
   config = workload.presets[preset]
   if changes:
     config = config_lib.replace(config, **changes)
   if implementation == "tuned":
-    return config, tuned.build(workload, config, dtype)
+    tuned_options = None
+    if options:
+      tuned_options = config_lib.replace(tuned.options_class(name)(), **options)
+    return config, tuned.build(workload, config, dtype, tuned_options)
+  assert not options, "options belong to the tuned implementation"
   return config, workload.build(config, dtype)
 
 

@@ -12,12 +12,15 @@ benchmarks/NOTES.md.
              and the XLA CPU options of the library kernels (Eigen, YNNPACK)
   winograd   3x3 convolutions by Winograd's algorithm
   softmax    cross-entropy, logits and argmax over large vocabularies
-  <name>     the workload's tuned build(config, dtype) -> Model
+  <name>     the workload's tuned build(config, dtype, options) -> Model, and its Options: the
+             choices that belong to the tuning, not to the paper's model (Winograd's algorithm,
+             stages stored channels first), set like config fields with --override
 """
 
 import dataclasses
 import importlib
 
+from fathom_jax import config as config_lib
 from fathom_jax.errors import UsageError
 from fathom_jax.workloads import base
 
@@ -45,10 +48,36 @@ def choose(requested, platform: str) -> str:
   return requested
 
 
-def build(workload: base.Workload, config, dtype: str) -> base.Model:
-  """The workload's tuned model."""
+def options_class(workload_name: str):
+  """The dataclass of the workload's tuned options, or None where its tuning has none."""
+  if workload_name not in TUNED:
+    return None
+  return getattr(importlib.import_module(f"fathom_jax.tuned.{workload_name}"), "Options", None)
+
+
+def split_overrides(workload_name: str, overrides) -> tuple[tuple, tuple]:
+  """(the workload config's overrides, the tuned options' overrides) of `field=value` strings."""
+  options = options_class(workload_name)
+  names = set(config_lib.field_names(options)) if options else set()
+  mine = tuple(o for o in overrides if o.partition("=")[0].strip() in names)
+  return tuple(o for o in overrides if o not in mine), mine
+
+
+def make_options(workload_name: str, overrides=()):
+  """The workload's tuned options with `field=value` overrides; None where its tuning has none."""
+  options = options_class(workload_name)
+  if options is None:
+    if overrides:
+      raise UsageError(f"override {overrides[0]!r}: {workload_name}'s tuning has no options")
+    return None
+  return config_lib.apply_overrides(options(), overrides)
+
+
+def build(workload: base.Workload, config, dtype: str, options=None) -> base.Model:
+  """The workload's tuned model, with `options` (make_options) or the defaults."""
   if workload.name not in TUNED:
     return workload.build(config, dtype)  # nothing measured to pay: the reference
   from fathom_jax.tuned import updates
-  model = importlib.import_module(f"fathom_jax.tuned.{workload.name}").build(config, dtype)
+  module = importlib.import_module(f"fathom_jax.tuned.{workload.name}")
+  model = module.build(config, dtype) if options is None else module.build(config, dtype, options)
   return dataclasses.replace(model, before_update=updates.after_backward)

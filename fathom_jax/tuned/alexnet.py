@@ -3,6 +3,7 @@ normalisation as shifted slices with its gradient written out, max pooling whose
 the window offsets out (its input written out first), dense layers with few rows by
 `layers.Dense`, the cross-entropy of `softmax`, and Eigen for the library kernels."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -61,15 +62,22 @@ def _lrn_bwd(size, bias, alpha, beta, residuals, g):
 _local_response_norm.defvjp(_lrn_fwd, _lrn_bwd)
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+  winograd: bool = True  # 3x3 stride-1 convolutions by Winograd's algorithm where it pays
+
+
 class AlexNet(nn.Module):
   config: alexnet.Config
   dtype: jnp.dtype = jnp.float32
+  options: Options = Options()
 
   @nn.compact
   def __call__(self, images, train: bool):
     c = self.config
     conv = lambda n, k, s, p: layers.Conv(n, (k, k), (s, s), [(p, p), (p, p)], dtype=self.dtype,
-                                          kernel_init=vision.CONV_INIT, winograd=c.winograd)
+                                          kernel_init=vision.CONV_INIT,
+                                          winograd=self.options.winograd)
     lrn = lambda x, after: local_response_norm(x, c.lrn_size, c.lrn_bias, c.lrn_alpha, c.lrn_beta,
                                                 layers.param_element(after, "kernel"))
 
@@ -96,7 +104,7 @@ class AlexNet(nn.Module):
                         few_rows=True)(x)
 
 
-def build(config: alexnet.Config, dtype: str) -> base.Model:
+def build(config: alexnet.Config, dtype: str, options: Options = Options()) -> base.Model:
   return vision.build_classifier(
-      AlexNet(config, jnp.dtype(dtype)), config, softmax.classifier_loss,
+      AlexNet(config, jnp.dtype(dtype), options), config, softmax.classifier_loss,
       {("cpu", "train"): layers.EIGEN_CONVOLUTIONS, ("cpu", "infer"): layers.EIGEN_ONLY})

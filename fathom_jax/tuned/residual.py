@@ -3,14 +3,31 @@ where it pays), batch norm with its gradient in closed form, each ReLU written t
 max pooling whose gradient writes the window offsets out, the training step's early stages
 stored channels first (CHWN), the cross-entropy of `softmax`, and Eigen's convolutions."""
 
+import dataclasses
 import functools
 from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from fathom_jax import config as config_lib
+from fathom_jax.errors import UsageError
 from fathom_jax.tuned import layers, softmax
 from fathom_jax.workloads import base, residual, vision
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  winograd: bool = True  # 3x3 stride-1 convolutions by Winograd's algorithm where it pays
+  # The stages (0-3) whose activations the train step stores CHWN, not NHWC, so that each 1x1
+  # kernel gradient contracts two operands contiguous along the pixels (same parameters and
+  # arithmetic; inference keeps NHWC, whose products ran faster).
+  channels_first_stages: tuple[int, ...] = config_lib.nonneg((0, 1, 2))
+
+  def check(self):
+    if not set(self.channels_first_stages) <= {0, 1, 2, 3}:
+      raise UsageError("option 'channels_first_stages' takes stage numbers 0-3, got "
+                       f"{self.channels_first_stages}")
 
 
 class BasicBlock(nn.Module):
@@ -71,12 +88,13 @@ def shortcut(x, features: int, stride: int, conv, norm, channel_axis: int):
 class ResNet(nn.Module):
   config: residual.Config
   dtype: jnp.dtype = jnp.float32
+  options: Options = Options()
 
   @nn.compact
   def __call__(self, images, train: bool):
     c = self.config
     base_conv = functools.partial(layers.Conv, use_bias=False, dtype=self.dtype,
-                                  kernel_init=vision.CONV_INIT, winograd=c.winograd)
+                                  kernel_init=vision.CONV_INIT, winograd=self.options.winograd)
     base_norm = functools.partial(layers.BatchNorm, use_running_average=not train,
                                   momentum=c.bn_momentum, epsilon=c.bn_epsilon, dtype=self.dtype)
     bottleneck, stages = residual.DEPTHS[c.depth]
@@ -86,7 +104,7 @@ class ResNet(nn.Module):
     x = layers.max_pool(x, 3, 2, 1, replicated=layers.param_element(stem_bn, "scale"))
     first = False
     for i, blocks in enumerate(stages):
-      if (train and i in c.channels_first_stages) != first:
+      if (train and i in self.options.channels_first_stages) != first:
         first = not first
         # NHWC <-> CHWN, each side written out whole
         x = layers.relayout(x, (3, 1, 2, 0), layers.param_element(stem_bn, "scale"))
@@ -106,8 +124,8 @@ class ResNet(nn.Module):
     return nn.Dense(c.num_classes, dtype=self.dtype)(x)
 
 
-def build(config: residual.Config, dtype: str) -> base.Model:
-  options = layers.EIGEN_CONVOLUTIONS
-  return vision.build_classifier(ResNet(config, jnp.dtype(dtype)), config,
+def build(config: residual.Config, dtype: str, options: Options = Options()) -> base.Model:
+  eigen = layers.EIGEN_CONVOLUTIONS
+  return vision.build_classifier(ResNet(config, jnp.dtype(dtype), options), config,
                                  softmax.classifier_loss,
-                                 {("cpu", "train"): options, ("cpu", "infer"): options})
+                                 {("cpu", "train"): eigen, ("cpu", "infer"): eigen})

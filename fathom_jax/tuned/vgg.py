@@ -2,6 +2,8 @@
 where it pays), max pooling whose gradient writes the window offsets out, dense layers with few
 rows by `layers.Dense`, the cross-entropy of `softmax`, and Eigen for the library kernels."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -9,9 +11,15 @@ from fathom_jax.tuned import layers, softmax
 from fathom_jax.workloads import base, vgg, vision
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+  winograd: bool = True  # 3x3 stride-1 convolutions by Winograd's algorithm where it pays
+
+
 class VGG(nn.Module):
   config: vgg.Config
   dtype: jnp.dtype = jnp.float32
+  options: Options = Options()
 
   @nn.compact
   def __call__(self, images, train: bool):
@@ -20,7 +28,8 @@ class VGG(nn.Module):
     for convs, factor in zip(vgg.BLOCKS[c.depth], vgg.WIDTH_FACTORS):
       for _ in range(convs):
         conv = layers.Conv(c.base_width * factor, (3, 3), padding=[(1, 1), (1, 1)],
-                           dtype=self.dtype, kernel_init=vision.CONV_INIT, winograd=c.winograd)
+                           dtype=self.dtype, kernel_init=vision.CONV_INIT,
+                           winograd=self.options.winograd)
         x = nn.relu(conv(x))
       x = layers.max_pool(x, 2, 2, replicated=layers.param_element(conv, "kernel"))
     x = vision.adaptive_avg_pool(x, c.pooled_size)
@@ -33,7 +42,7 @@ class VGG(nn.Module):
                         few_rows=True)(x)
 
 
-def build(config: vgg.Config, dtype: str) -> base.Model:
+def build(config: vgg.Config, dtype: str, options: Options = Options()) -> base.Model:
   return vision.build_classifier(
-      VGG(config, jnp.dtype(dtype)), config, softmax.classifier_loss,
+      VGG(config, jnp.dtype(dtype), options), config, softmax.classifier_loss,
       {("cpu", "train"): layers.EIGEN_CONVOLUTIONS, ("cpu", "infer"): layers.EIGEN_ONLY})

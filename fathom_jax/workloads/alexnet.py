@@ -41,7 +41,6 @@ class Config:
   lr_batch_size: int = 128  # SGD's rate scales linearly with batch_size / lr_batch_size
   momentum: float = nonneg(0.9)
   weight_decay: float = nonneg(5e-4)
-  winograd: bool = True  # tuned implementation: 3x3 stride-1 convolutions by Winograd's algorithm
 
   # (window, stride, padding) of every layer that changes the spatial size.
   LAYERS = ((11, 4, 2), (3, 2, 0), (5, 1, 2), (3, 2, 0), (3, 1, 1), (3, 1, 1), (3, 1, 1),

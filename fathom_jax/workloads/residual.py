@@ -50,18 +50,9 @@ class Config:
   lr_batch_size: int = 256  # SGD's rate scales linearly with batch_size / lr_batch_size
   momentum: float = nonneg(0.9)
   weight_decay: float = nonneg(1e-4)
-  # Read by the tuned implementation only (fathom_jax.tuned): 3x3 stride-1 convolutions by
-  # Winograd's algorithm where it pays; the stages (0-3) whose activations the train step stores
-  # CHWN, not NHWC, so that each 1x1 kernel gradient contracts two operands contiguous along the
-  # pixels (same parameters and arithmetic; inference keeps NHWC, whose products ran faster).
-  winograd: bool = True
-  channels_first_stages: tuple[int, ...] = nonneg((0, 1, 2))
 
   def check(self):
     vision.check_optimizer(self.optimizer)
-    if not set(self.channels_first_stages) <= {0, 1, 2, 3}:
-      raise UsageError("config field 'channels_first_stages' takes stage numbers 0-3, got "
-                       f"{self.channels_first_stages}")
     if self.depth not in DEPTHS:
       raise UsageError(f"config field 'depth' must be one of {', '.join(map(str, DEPTHS))}, "
                        f"got {self.depth}")

@@ -41,7 +41,6 @@ class Config:
   lr_batch_size: int = 256  # SGD's rate scales linearly with batch_size / lr_batch_size
   momentum: float = nonneg(0.9)
   weight_decay: float = nonneg(5e-4)
-  winograd: bool = True  # tuned implementation: 3x3 stride-1 convolutions by Winograd's algorithm
 
   def check(self):
     vision.check_optimizer(self.optimizer)
