@@ -3,6 +3,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 # Tests run on the CPU with a deterministic single-device setup, whatever the machine has.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,9 +26,28 @@ os.environ.update({
     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
     "JAX_COMPILATION_CACHE_INCLUDE_METADATA_IN_KEY": "true",
+    # Locations keep the innermost frame of user code (the source file and line the analysis
+    # reads), not the whole call stack, which would put the calling test's line into the key
+    # and make the same program compile again for every test that builds it.
+    "JAX_TRACEBACK_IN_LOCATIONS_LIMIT": "1",
 })
+# LLVM's optimisation of the generated code is most of a small program's compile time on CPU, and
+# the tests run each program a few times: they compile at XLA's lowest backend level. XLA's own
+# passes (fusion, layout, the HLO the analysis reads) run as in any run.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(
+      [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]).strip()
 
 
 def pytest_unconfigure(config):
   if _OWNER:
     shutil.rmtree(os.environ.pop("FATHOM_JAX_TEST_COMPILE_CACHE"), ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def forked_cli():
+  """A warm process that runs bad-input command lines as forks (tests/forked_cli.py)."""
+  from tests import forked_cli as forks
+  server = forks.Server()
+  yield server
+  server.close()

@@ -18,9 +18,15 @@ def run_cli(*args, cwd=None):
                         capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
-def test_tiny_run_writes_valid_result(tmp_path):
+def refused(forked_cli, *args):
+  """run.py with `args`, for a command that must stop before it computes (tests/forked_cli.py)."""
+  return forked_cli.run(os.path.join(ROOT, "run.py"), *args,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+
+
+def test_tiny_run_writes_valid_result(tmp_path, forked_cli):
   out = tmp_path / "runs"
-  proc = run_cli("--workload=memnet,autoenc", "--preset=tiny", "--mode=both", "--steps=3",
+  proc = refused(forked_cli, "--workload=memnet,autoenc", "--preset=tiny", "--mode=both", "--steps=3",
                  "--warmup_steps=1", f"--output_dir={out}", "--override=embed_dim=4")
   # embed_dim is not an autoenc field: resolved before anything runs, so nothing is written.
   assert proc.returncode == 2 and "unknown config field 'embed_dim'" in proc.stderr
@@ -110,8 +116,8 @@ def test_paper_size_image_runs_keep_freed_host_memory(tmp_path):
     (["--workload=memnet", "--implementation=fast"], "--implementation"),
     (["--workload=resnet", "--host_memory=auto"], "unknown workload 'resnet'"),
 ])
-def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
-  proc = run_cli(*args, f"--output_dir={tmp_path / 'runs'}")
+def test_bad_input_exits_2_with_one_line(tmp_path, args, message, forked_cli):
+  proc = refused(forked_cli, *args, f"--output_dir={tmp_path / 'runs'}")
   assert proc.returncode == 2, (proc.returncode, proc.stderr)
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and message in lines[0], proc.stderr
@@ -119,10 +125,10 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, message):
   assert not (tmp_path / "runs").exists()
 
 
-def test_wrong_data_format_exits_2(tmp_path):
+def test_wrong_data_format_exits_2(tmp_path, forked_cli):
   bad = tmp_path / "story_train.txt"
   bad.write_text("this is not babi\n")
-  proc = run_cli("--workload=memnet", "--preset=tiny", f"--data={bad}",
+  proc = refused(forked_cli, "--workload=memnet", "--preset=tiny", f"--data={bad}",
                  f"--output_dir={tmp_path / 'runs'}")
   assert proc.returncode == 2
   assert "story_train.txt:1: malformed bAbI line" in proc.stderr
@@ -141,13 +147,13 @@ def test_real_data_run(tmp_path):
   assert record["config"]["vocab_size"] == 17
 
 
-def test_corrupt_image_skipped_when_asked(tmp_path):
+def test_corrupt_image_skipped_when_asked(tmp_path, forked_cli):
   from tests.test_images import write_folder
   root = write_folder(tmp_path / "images")
   (tmp_path / "images" / "dog" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
   args = ("--workload=alexnet", "--preset=tiny", "--mode=infer", f"--data={root}", "--steps=2",
           "--warmup_steps=0", f"--output_dir={tmp_path / 'runs'}")
-  proc = run_cli(*args)
+  proc = refused(forked_cli, *args)
   assert proc.returncode == 2 and "broken.jpg: cannot decode image" in proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1
   proc = run_cli(*args, "--bad_samples=skip")

@@ -31,6 +31,16 @@ def _loss_grads_and_outputs(model, variables, batch, rng):
   return loss, grads, model_steps.make_infer_step(model)(variables, batch, rng)
 
 
+def _as_runs_compile_it(fn, *args):
+  """fn(*args) compiled at XLA's default backend optimisation, as runs compile it (the suite
+  compiles at the lowest level). The tolerances below are the float32 rounding of those programs:
+  at the lowest level the rounding differs, and ResNet's batch norm amplifies it until the same
+  reference program's gradients move by 1.3e-2."""
+  compiled = jax.jit(fn).lower(*args).compile(
+      compiler_options={"xla_backend_optimization_level": 3})
+  return compiled(*args)
+
+
 def _structure(tree):
   return jax.tree.map(lambda x: (x.shape, x.dtype), tree)
 
@@ -51,8 +61,10 @@ def test_reference_and_tuned_compute_the_same(name):
       _structure(jax.eval_shape(reference.init, key, batch))
   variables = checks.init_variables(reference, key, batch)
   rng = jax.random.key(2)
-  want = jax.jit(functools.partial(_loss_grads_and_outputs, reference))(variables, batch, rng)
-  got = jax.jit(functools.partial(_loss_grads_and_outputs, tuned_model))(variables, batch, rng)
+  want = _as_runs_compile_it(functools.partial(_loss_grads_and_outputs, reference), variables,
+                             batch, rng)
+  got = _as_runs_compile_it(functools.partial(_loss_grads_and_outputs, tuned_model), variables,
+                            batch, rng)
   (loss, grads, outputs), (want_loss, want_grads, want_outputs) = got, want
   np.testing.assert_allclose(loss, want_loss, rtol=5e-5)
   assert _structure(grads) == _structure(want_grads)

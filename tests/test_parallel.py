@@ -54,13 +54,14 @@ def test_one_and_four_devices_agree_and_gradients_are_all_reduced():
   assert out["all_reduces"] >= 1
 
 
-def test_batch_must_divide_over_devices(tmp_path):
-  proc = _run(os.path.join(ROOT, "run.py"), "--workload=memnet", "--preset=tiny", "--cpu_devices=4",
-              "--batch_size=6", f"--output_dir={tmp_path}")
+def test_batch_must_divide_over_devices(tmp_path, forked_cli):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = forked_cli.run("run.py", "--workload=memnet", "--preset=tiny", "--cpu_devices=4",
+                        "--batch_size=6", f"--output_dir={tmp_path}", env=env)
   assert proc.returncode == 2
   assert proc.stderr.strip() == "error: global batch 6 does not divide evenly over 4 devices"
-  proc = _run(os.path.join(ROOT, "run.py"), "--workload=memnet", "--preset=tiny",
-              "--num_devices=3", f"--output_dir={tmp_path}")
+  proc = forked_cli.run("run.py", "--workload=memnet", "--preset=tiny", "--num_devices=3",
+                        f"--output_dir={tmp_path}", env=env)
   assert proc.returncode == 2 and "--num_devices must be between 1 and 1" in proc.stderr
 
 

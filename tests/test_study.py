@@ -186,6 +186,11 @@ def _study_cli(*args, cwd=None):
                         text=True, cwd=cwd or ROOT, timeout=120)
 
 
+def _study_refused(forked_cli, *args):
+  """The study's command, for one that must stop before it runs (tests/forked_cli.py)."""
+  return forked_cli.run("-m", "fathom_jax.study", *args)
+
+
 @pytest.mark.parametrize("args, message", [
     (["--workloads=nosuch"], "unknown workload"),
     (["--preset=huge", "--workloads=memnet"], "unknown preset"),
@@ -199,16 +204,16 @@ def _study_cli(*args, cwd=None):
     (["stray"], "unexpected arguments"),
     (["--workloads=memnet", "--implementation_workloads=autoenc"], "outside --workloads"),
 ])
-def test_bad_study_flags_give_one_line_and_exit_2(args, message, tmp_path):
-  proc = _study_cli(*args, f"--output_dir={tmp_path / 's'}")
+def test_bad_study_flags_give_one_line_and_exit_2(args, message, tmp_path, forked_cli):
+  proc = _study_refused(forked_cli, *args, f"--output_dir={tmp_path / 's'}")
   assert proc.returncode == 2, proc.stderr
   assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(tmp_path / "s")  # nothing half-written
 
 
-def test_report_only_needs_a_study(tmp_path):
-  proc = _study_cli("--report_only", f"--output_dir={tmp_path}")
+def test_report_only_needs_a_study(tmp_path, forked_cli):
+  proc = _study_refused(forked_cli, "--report_only", f"--output_dir={tmp_path}")
   assert proc.returncode == 2 and "holds no study" in proc.stderr
 
 
@@ -226,9 +231,8 @@ def test_report_only_rebuilds_the_report(finished, tmp_path):
     (["--cpus=0"], "--cpus must be in [1,"),
     (["--cpus=4096"], "--cpus must be in [1,"),
 ])
-def test_bad_execution_and_cpu_flags_of_a_run(args, message, tmp_path):
-  proc = subprocess.run([sys.executable, "run.py", "--workload=memnet", "--preset=tiny",
-                         f"--output_dir={tmp_path}", *args], capture_output=True, text=True,
-                        cwd=ROOT, timeout=120)
+def test_bad_execution_and_cpu_flags_of_a_run(args, message, tmp_path, forked_cli):
+  proc = forked_cli.run("run.py", "--workload=memnet", "--preset=tiny", f"--output_dir={tmp_path}",
+                        *args)
   assert proc.returncode == 2 and message in proc.stderr, proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1 and os.listdir(tmp_path) == []
