@@ -56,6 +56,10 @@ flags.DEFINE_bool("huge_pages", True,
                   "Have glibc's malloc ask for transparent huge pages for large host buffers: "
                   "the process starts again once with GLIBC_TUNABLES set (Linux, glibc 2.35+; "
                   "a hugetlb setting already in GLIBC_TUNABLES stands).")
+flags.DEFINE_string("target", None,
+                    "Compile the step for a device this machine lacks (h100, h200, tpu-v4, "
+                    "tpu-v5e, tpu-v5p, tpu-v6e) and run nothing: HLO, the compiler's analyses and "
+                    "a static breakdown with an estimated step time (fathom_jax.targets).")
 flags.DEFINE_integer("cpus", None,
                      "Pin the process to the first N CPUs it may use, before JAX starts (XLA's "
                      "CPU thread pools follow the mask): the CPU thread-scaling knob.")
@@ -91,6 +95,8 @@ def _keep_host_memory() -> bool:
 def _start_backends() -> None:
   """Settings that must precede JAX's first use of a backend."""
   import jax
+  from fathom_jax import environment
+  environment.skip_absent_accelerators()
   if FLAGS.cpu_devices is not None:
     if FLAGS.cpu_devices < 1:
       raise UsageError(f"--cpu_devices must be positive, got {FLAGS.cpu_devices}")
@@ -141,6 +147,9 @@ def main(argv: list[str]) -> None:
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  if FLAGS.target is not None:
+    _compile_for_target()
+    return
   import jax
   from fathom_jax import results, runner
   try:
@@ -162,6 +171,30 @@ def main(argv: list[str]) -> None:
     sys.exit(1)
   except KeyboardInterrupt:
     print("interrupted: the result file records the steps that finished", file=sys.stderr)
+    sys.exit(130)
+
+
+def _compile_for_target() -> None:
+  from fathom_jax import target_compile, targets
+  try:
+    target = targets.get(FLAGS.target)
+    for name in ("backend", "cpu_devices", "num_devices", "num_processes", "coordinator_address"):
+      if getattr(FLAGS, name) is not None:
+        raise UsageError(f"--{name} chooses devices to run on; --target runs nothing")
+    if FLAGS.profile:
+      raise UsageError("--profile traces a run; --target runs nothing (its breakdown is static)")
+    specs = specs_from_flags()
+    for spec in specs:  # every request is checked before anything is compiled or written
+      target_compile.check_request(spec, target)
+    targets.prepare_process()
+    devices = targets.devices(target)
+    for spec in specs:
+      target_compile.compile_for_target(spec, target, devices)
+  except UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
     sys.exit(130)
 
 

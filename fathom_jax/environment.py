@@ -13,6 +13,26 @@ from fathom_jax.errors import UsageError
 BACKENDS = ("cpu", "gpu", "tpu")
 
 
+# Accelerator plugins and the device files their hardware shows on Linux.
+_PLUGINS = {"cuda": ("jax_cuda12_plugin", ("/dev/nvidia0", "/dev/nvidiactl")),
+            "tpu": ("libtpu", ("/dev/accel0", "/dev/vfio/0"))}
+
+
+def skip_absent_accelerators() -> None:
+  """Starts JAX on the CPU alone where an accelerator plugin is installed (as for compiling to a
+  --target) but no such device is: otherwise the plugin logs a traceback of its failed start
+  before JAX falls back to the CPU. Call before JAX's first use of a backend; a JAX_PLATFORMS
+  setting of the user's stands."""
+  import importlib.util
+  if os.environ.get("JAX_PLATFORMS"):
+    return
+  installed = [p for p, (module, _) in _PLUGINS.items()
+               if importlib.util.find_spec(module) is not None]
+  present = [p for p, (_, files) in _PLUGINS.items() if any(os.path.exists(f) for f in files)]
+  if installed and not present:
+    jax.config.update("jax_platforms", "cpu")
+
+
 def available_backends() -> list[str]:
   found = []
   for name in BACKENDS:

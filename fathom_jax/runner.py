@@ -66,7 +66,9 @@ class Resolved:
   options: Any = None  # the tuned implementation's options, where it has any
 
 
-def resolve(spec: RunSpec) -> Resolved:
+def resolve(spec: RunSpec, platform: Optional[str] = None) -> Resolved:
+  """The spec's workload, config, model and data; `platform` names the devices the program is
+  for (default: those of spec.backend on this machine)."""
   if spec.mode not in MODES:
     raise UsageError(f"unknown mode {spec.mode!r}; modes are: {', '.join(MODES)}")
   if spec.dtype not in DTYPES:
@@ -99,7 +101,7 @@ def resolve(spec: RunSpec) -> Resolved:
     if not os.path.exists(spec.data):
       raise UsageError(f"--data path does not exist: {spec.data}")
     source, config = workload.load_data(config, spec.data, bad_samples=spec.bad_samples)
-  platform = environment.select_devices(spec.backend)[0].platform
+  platform = platform or environment.select_devices(spec.backend)[0].platform
   implementation = tuned.choose(spec.implementation, platform)
   if option_overrides and implementation != "tuned":
     name = option_overrides[0].partition("=")[0].strip()

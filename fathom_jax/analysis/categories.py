@@ -70,6 +70,22 @@ _FUSION_KINDS = {"kLoop": "loop fusion", "kInput": "input fusion", "kOutput": "o
                  "kCustom": "custom fusion"}
 
 
+# Custom calls of the TPU compiler that compute nothing: they pack gather and scatter indices,
+# assert their bounds, or reserve a buffer.
+_TPU_BOOKKEEPING_CALLS = ("GatherScatterIndicesBitpacked", "AssumeGatherIndicesInBound",
+                          "AllocateBuffer")
+# Async pairs whose start does the work (the done only waits): their category is the op's.
+_ASYNC_PAIRS = {"slice-start": "slice", "slice-done": "slice"}
+
+
+def is_matrix_product(inst: hlo.Instruction) -> bool:
+  """A convolution with no spatial dimension: how the TPU compiler writes a dot."""
+  if inst.opcode != "convolution":
+    return False
+  lhs = inst.attrs.get("dim_labels", "").split("_", 1)[0]
+  return bool(lhs) and not any(c.isdigit() for c in lhs)
+
+
 def library_kind(inst: hlo.Instruction) -> Optional[str]:
   """'dot' or 'convolution' for a library custom call (cuBLAS, cuDNN, oneDNN...), else None."""
   if inst.opcode != "custom-call":
@@ -86,6 +102,10 @@ def xla_category(inst: hlo.Instruction) -> str:
   """XLA's own category (HloInstruction::ToCategory)."""
   if inst.opcode in _DATA_FORMATTING:
     return "data formatting"
+  if is_matrix_product(inst):
+    return "dot"
+  if inst.opcode in _ASYNC_PAIRS:
+    return _ASYNC_PAIRS[inst.opcode]
   if inst.opcode in cost.ELEMENTWISE:
     return "non-fusion elementwise"
   if inst.opcode == "fusion":
@@ -114,9 +134,10 @@ def refined_category(inst: hlo.Instruction, module: hlo.Module) -> str:
   if inst.opcode != "fusion":
     return xla_category(inst)
   body = [i for c in inst.called for i in _body_work(module, c)]
-  if any(i.opcode == "convolution" or library_kind(i) == "convolution" for i in body):
+  if any((i.opcode == "convolution" and not is_matrix_product(i))
+         or library_kind(i) == "convolution" for i in body):
     return "convolution fusion"
-  if any(i.opcode == "dot" or library_kind(i) == "dot" for i in body):
+  if any(i.opcode == "dot" or is_matrix_product(i) or library_kind(i) == "dot" for i in body):
     return "dot fusion"
   if len(body) == 1:
     return xla_category(body[0])  # a wrapped single op counts as unfused
@@ -138,17 +159,19 @@ def fathom_class(inst: hlo.Instruction) -> str:
   if op in _RANDOM_OPS or RANDOM_OP_NAMES.search(inst.op_name or ""):
     return RANDOM
   library = library_kind(inst)
+  if op in _MATRIX_OPS or library == "dot" or is_matrix_product(inst):
+    return MATRIX
   if op == "convolution" or library == "convolution":
     return CONVOLUTION
-  if op in _MATRIX_OPS or library == "dot":
-    return MATRIX
   if op in _REDUCTIONS:
     return REDUCTION
   if op == "select":
     return DATA_MOVEMENT  # Fathom's 2016 table files Select under data movement
   if op in cost.ELEMENTWISE:
     return ELEMENTWISE
-  if op in cost.DATA_MOVEMENT or op in ("infeed", "outfeed"):
+  if op in cost.DATA_MOVEMENT or op in ("infeed", "outfeed") or op in _ASYNC_PAIRS:
+    return DATA_MOVEMENT
+  if op == "custom-call" and inst.custom_call_target in _TPU_BOOKKEEPING_CALLS:
     return DATA_MOVEMENT
   return OTHER
 

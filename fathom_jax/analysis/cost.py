@@ -124,18 +124,36 @@ def _valid_pairs(in_size: int, out_size: int, w: dict) -> int:
   return count
 
 
+def _conv_roles(inst: hlo.Instruction):
+  """(input, kernel, output) shapes of the forward convolution that `inst` computes or
+  differentiates. A cuDNN call keeps the forward convolution's window and dim_labels whatever
+  it computes: a backward-input call reads (dy, kernel) and writes dx, a backward-filter call
+  reads (x, dy) and writes the kernel's gradient."""
+  operands = inst.operand_shapes
+  result = inst.shape.arrays()[0] if inst.shape.arrays() else None
+  if len(operands) < 2 or result is None:
+    return None
+  target = inst.custom_call_target if inst.opcode == "custom-call" else ""
+  if target.endswith("convBackwardInput"):
+    return result, operands[1], operands[0]
+  if target.endswith("convBackwardFilter"):
+    return operands[0], result, operands[1]
+  return operands[0], operands[1], result
+
+
 def conv_flops(inst: hlo.Instruction) -> float:
-  """Multiply-adds of a convolution (HLO op or cuDNN custom call), as XLA counts them."""
+  """Multiply-adds of a convolution (HLO op or cuDNN custom call), as XLA counts them. The
+  gradients of a convolution multiply the same (output, kernel) position pairs as the
+  convolution itself, so each cuDNN kind counts its forward convolution's pairs."""
   labels = inst.attrs.get("dim_labels", "")
   m = re.fullmatch(r"(\w+)_(\w+)->(\w+)", labels)
-  if not m or len(inst.operand_shapes) < 2:
+  roles = _conv_roles(inst)
+  if not m or roles is None:
     return 0.0
   lhs_l, rhs_l, out_l = m.groups()
-  lhs, rhs = inst.operand_shapes[0], inst.operand_shapes[1]
-  out = inst.shape.arrays()[0]
+  lhs, rhs, out = roles
   if len(lhs_l) != len(lhs.dims) or len(rhs_l) != len(rhs.dims) or len(out_l) != len(out.dims):
     return 0.0
-  groups = int(inst.attrs.get("feature_group_count", "1") or 1)
   batch_groups = int(inst.attrs.get("batch_group_count", "1") or 1)
   window = _window(inst)
   spatial = [c for c in lhs_l if c.isdigit()]
@@ -146,8 +164,7 @@ def conv_flops(inst: hlo.Instruction) -> float:
     pairs *= _valid_pairs(lhs.dims[lhs_l.index(c)], out.dims[out_l.index(c)], w)
   batch = out.dims[out_l.index("b")]
   out_features = out.dims[out_l.index("f")]
-  in_features = rhs.dims[rhs_l.index("i")]
-  del groups  # the kernel's input-feature dim is already per group
+  in_features = rhs.dims[rhs_l.index("i")]  # per feature group already
   return 2.0 * pairs * batch * out_features * in_features / batch_groups
 
 
