@@ -14,8 +14,11 @@ BACKENDS = ("cpu", "gpu", "tpu")
 
 
 # Accelerator plugins and the device files their hardware shows on Linux.
-_PLUGINS = {"cuda": ("jax_cuda12_plugin", ("/dev/nvidia0", "/dev/nvidiactl")),
-            "tpu": ("libtpu", ("/dev/accel0", "/dev/vfio/0"))}
+_PLUGINS = {
+    "cuda": (("jax_cuda12_plugin", "jax_cuda13_plugin"), ("/dev/nvidia0", "/dev/nvidiactl")),
+    "rocm": (("jax_rocm_plugin", "jax_rocm7_plugin"), ("/dev/kfd",)),
+    "tpu": (("libtpu",), ("/dev/accel0", "/dev/vfio/0")),
+}
 
 
 def skip_absent_accelerators() -> None:
@@ -23,14 +26,18 @@ def skip_absent_accelerators() -> None:
   --target) but no such device is: otherwise the plugin logs a traceback of its failed start
   before JAX falls back to the CPU. Call before JAX's first use of a backend; a JAX_PLATFORMS
   setting of the user's stands."""
-  import importlib.util
   if os.environ.get("JAX_PLATFORMS"):
     return
-  installed = [p for p, (module, _) in _PLUGINS.items()
-               if importlib.util.find_spec(module) is not None]
-  present = [p for p, (_, files) in _PLUGINS.items() if any(os.path.exists(f) for f in files)]
-  if installed and not present:
+  if not accelerators_present():
     jax.config.update("jax_platforms", "cpu")
+
+
+def accelerators_present() -> list[str]:
+  """The accelerator platforms whose plugin is installed and whose devices this machine has."""
+  import importlib.util
+  return [p for p, (modules, files) in _PLUGINS.items()
+          if any(importlib.util.find_spec(m) is not None for m in modules)
+          and any(os.path.exists(f) for f in files)]
 
 
 def available_backends() -> list[str]:

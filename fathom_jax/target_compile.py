@@ -14,9 +14,6 @@ from typing import Optional
 from fathom_jax import compiling, config as config_lib, model_steps, profiling, results, targets
 from fathom_jax.errors import UsageError
 
-STATIC_FILE = "static.json"
-
-
 def _abstract(tree, sharding):
   import jax
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
@@ -102,7 +99,7 @@ def compile_for_target(spec, target: targets.Target, devices: list, say=print) -
           "batch_size": resolved.batch_size,
           "lower_time_s": lower_s,
           "compile_time_s": compile_s,
-          "memory": compiling.memory_analysis(compiled),
+          "compiled_memory": compiling.memory_analysis(compiled),
           "static": summary,
       },
   }
@@ -112,10 +109,10 @@ def compile_for_target(spec, target: targets.Target, devices: list, say=print) -
     run_dir = results.new_run_dir(spec.output_dir, spec.workload, spec.mode, spec.preset)
     record["run_dir"] = run_dir
     profiling.save_programs(run_dir, lowered, compiled)
-    results.write_json_atomic(os.path.join(run_dir, STATIC_FILE), summary)
+    results.write_json_atomic(os.path.join(run_dir, static.STATIC_FILE), summary)
     results.write_json_atomic(os.path.join(run_dir, results.RESULT_FILE), record)
   say(static.format_table(summary, title))
-  memory = record["figures"]["memory"]
+  memory = record["figures"]["compiled_memory"]
   if memory:
     total = sum(memory.get(k, 0) for k in ("argument_size_in_bytes", "output_size_in_bytes",
                                             "temp_size_in_bytes"))

@@ -203,6 +203,9 @@ def _study_refused(forked_cli, *args):
     (["--backend=quantum"], "error: flag --backend"),
     (["stray"], "unexpected arguments"),
     (["--workloads=memnet", "--implementation_workloads=autoenc"], "outside --workloads"),
+    # The suite's processes see only the CPU (JAX_PLATFORMS=cpu): a GPU study finds no devices
+    # to scale over, where it would otherwise count them.
+    (["--workloads=memnet", "--backend=gpu"], "cannot count the devices of backend gpu"),
 ])
 def test_bad_study_flags_give_one_line_and_exit_2(args, message, tmp_path, forked_cli):
   proc = _study_refused(forked_cli, *args, f"--output_dir={tmp_path / 's'}")
@@ -210,6 +213,12 @@ def test_bad_study_flags_give_one_line_and_exit_2(args, message, tmp_path, forke
   assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
   assert "Traceback" not in proc.stderr
   assert not os.path.exists(tmp_path / "s")  # nothing half-written
+
+
+def test_scaling_series_double_up_to_what_there_is():
+  assert study.doublings(1) == (1,)
+  assert study.doublings(6) == (1, 2, 4, 6)
+  assert study.doublings(8) == (1, 2, 4, 8)
 
 
 def test_report_only_needs_a_study(tmp_path, forked_cli):

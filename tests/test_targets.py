@@ -178,3 +178,81 @@ def test_a_missing_plugin_names_what_to_install(tmp_path, forked_cli):
                         f"--output_dir={tmp_path / 'runs'}")
   assert proc.returncode == 2 and proc.stderr.strip() == (
       f"error: --target=h200 needs jax-cuda12-plugin: {targets.INSTALL}")
+  proc = forked_cli.run("-m", "fathom_jax.study", "--workloads=autoenc", "--targets=h100",
+                        f"--output_dir={tmp_path / 'study'}")
+  assert proc.returncode == 2 and proc.stderr.strip() == (
+      f"error: --targets=h100 needs jax-cuda12-plugin: {targets.INSTALL}")
+  assert not (tmp_path / "study").exists()
+
+
+def test_a_study_compiles_its_steps_for_targets_and_reports_them_side_by_side(tmp_path):
+  from fathom_jax import study
+  from fathom_jax.study import report
+  settings = study.Settings(workloads=("autoenc",), targets=("tpu-v5e",))
+  (point,) = [p for p in study.plan(settings) if p.kind == "target" and p.mode == "train"]
+  assert point.id == "target-autoenc-train-tpu-v5e"
+  assert "--target=tpu-v5e" in point.arguments(settings)
+  assert "--profile" not in point.arguments(settings)
+  # This machine's step from its run's HLO, the target's from its compile's static.json.
+  cpu_dir = tmp_path / "cpu"
+  (cpu_dir / "hlo").mkdir(parents=True)
+  with open(os.path.join(ROOT, "tests", "data", "conv_net.hlo.txt")) as f:
+    (cpu_dir / "hlo" / "jit_step.optimized.hlo.txt").write_text(f.read())
+  memory = {"argument_size_in_bytes": 2e6, "temp_size_in_bytes": 1e6}
+  runs = [report.Run(study.Point("suite", "autoenc", "train"), "completed",
+                     record={"implementation": "tuned", "figures": {"compiled_memory": memory}},
+                     run_dir=str(cpu_dir)),
+          report.Run(point, "completed", record={"figures": {"compiled_memory": memory}},
+                     summary=static.analyse(module("tpu-v5e/autoenc.train"),
+                                            targets.get("tpu-v5e").peaks("float32")))]
+  peaks = {"matmul_flops_per_s": 2e11, "copy_bytes_per_s": 6e9, "platform": "cpu"}
+  rows = report.target_rows(runs, peaks)
+  assert [r["device"] for r in rows] == ["this cpu (tuned)", "tpu-v5e"]
+  for row in rows:
+    assert row["memory_gb"] == pytest.approx(0.003)
+    for share in ("flops_share", "time_share"):
+      assert sum(row[f"{share}:{c}"] for c in report.CLASSES) == pytest.approx(1.0)
+  assert rows[1]["time_share:" + categories.MATRIX] > 0
+  for folder in (report.FIGURES, report.TABLES):
+    (tmp_path / folder).mkdir()
+  text = "\n".join(report._target_section(runs, peaks, report._Out(str(tmp_path))))
+  assert "## The same steps on other devices (static estimates)" in text
+  assert os.path.getsize(tmp_path / report.FIGURES / "targets.png") > 1000
+  assert (tmp_path / report.TABLES / "targets.csv").exists()
+
+
+needs_gpu_plugin = pytest.mark.skipif(not targets.plugin_present("cuda"),
+                                      reason="needs the 'targets' extra (jax-cuda12-plugin)")
+needs_libtpu = pytest.mark.skipif(not targets.plugin_present("tpu"),
+                                  reason="needs the 'targets' extra (libtpu)")
+
+
+def _compile(target_name, tmp_path, **spec_fields):
+  from fathom_jax import runner, target_compile
+  targets.prepare_process()
+  target = targets.get(target_name)
+  spec = runner.RunSpec("autoenc", preset="tiny", output_dir=str(tmp_path), **spec_fields)
+  return target_compile.compile_for_target(spec, target, targets.devices(target), say=lambda _: 0)
+
+
+@needs_gpu_plugin
+def test_a_deviceless_gpu_compile_writes_a_run_folder_and_unfused_unfuses(tmp_path):
+  record = _compile("h100", tmp_path / "fused")
+  assert record["status"] == "completed" and record["kind"] == "target compile"
+  assert record["implementation"] == "reference" and record["target"]["name"] == "h100"
+  run_dir = record["run_dir"]
+  assert sorted(os.listdir(run_dir)) == ["hlo", "result.json", "static.json"]
+  assert {f.split(".", 1)[1] for f in os.listdir(os.path.join(run_dir, "hlo"))} == {
+      "optimized.hlo.txt", "unoptimized.hlo.txt", "analysis.json"}
+  fused = record["figures"]["static"]["fusions_launched"]
+  unfused = _compile("h100", tmp_path / "unfused", execution="unfused")
+  assert unfused["figures"]["static"]["ops_launched"] > record["figures"]["static"]["ops_launched"]
+  assert unfused["figures"]["static"]["fusions_launched"] > fused  # each op its own kernel
+
+
+@needs_libtpu
+def test_a_deviceless_tpu_compile_counts_as_xla_does(tmp_path):
+  record = _compile("tpu-v5e", tmp_path)
+  with open(os.path.join(record["run_dir"], "hlo", "jit_train_step.analysis.json")) as f:
+    xla = json.load(f)["cost_analysis"]["flops"]
+  assert record["figures"]["static"]["flops"] == pytest.approx(xla, rel=0.02)

@@ -14,9 +14,13 @@ from typing import Iterator, Optional
 
 from fathom_jax.analysis import categories, cost, hlo
 
-# Launched ops that do no work of their own: they name, forward or sequence buffers.
-_NOT_LAUNCHED = cost.FREE | frozenset({"while", "conditional", "call", "async-update",
-                                       "async-done"})
+STATIC_FILE = "static.json"  # a run folder's static breakdown (run.py --target)
+
+# Launched ops that do no work of their own: they name, forward or sequence buffers, or wait for
+# the async op their start launched (whose start carries the work).
+_NOT_LAUNCHED = cost.FREE | frozenset({
+    "while", "conditional", "call", "async-update", "async-done", "copy-done", "slice-done",
+    "all-reduce-done", "all-gather-done", "collective-permute-done", "send-done", "recv-done"})
 _MATRIX_CLASSES = (categories.MATRIX, categories.CONVOLUTION)
 
 

@@ -53,12 +53,13 @@ class Settings:
   device_batch: dict = dataclasses.field(default_factory=dict)  # workload -> global batch
   implementation: Optional[str] = None  # every run's; None: run.py's default for the backend
   implementation_workloads: tuple[str, ...] = ()  # train step as reference and as tuned (CPU)
+  targets: tuple[str, ...] = ()  # devices the suite's steps also compile for (run.py --target)
 
 
 @dataclasses.dataclass(frozen=True)
 class Point:
   """One run of the study: a workload, mode and the one knob this point varies."""
-  kind: str  # 'suite', 'fusion', 'threads', 'devices' or 'implementation'
+  kind: str  # 'suite', 'fusion', 'threads', 'devices', 'implementation' or 'target'
   workload: str
   mode: str
   execution: str = "compiled"
@@ -66,15 +67,19 @@ class Point:
   cpus: Optional[int] = None
   devices: Optional[int] = None
   batch_size: Optional[int] = None
+  target: Optional[str] = None
 
   @property
   def id(self) -> str:
     knob = {"suite": "", "fusion": f"-{self.execution}", "threads": f"-cpus{self.cpus}",
             "devices": f"-devices{self.devices}",
-            "implementation": f"-{self.implementation}"}[self.kind]
+            "implementation": f"-{self.implementation}", "target": f"-{self.target}"}[self.kind]
     return f"{self.kind}-{self.workload}-{self.mode}{knob}"
 
   def arguments(self, settings: Settings) -> list[str]:
+    if self.kind == "target":  # compiled for the device, run nowhere: the reference program
+      return [f"--workload={self.workload}", f"--mode={self.mode}", f"--preset={settings.preset}",
+              f"--target={self.target}", "--quiet"]
     args = [f"--workload={self.workload}", f"--mode={self.mode}", f"--preset={settings.preset}",
             f"--steps={settings.steps}", f"--warmup_steps={settings.warmup_steps}", "--profile",
             "--quiet", f"--execution={self.execution}"]
@@ -104,11 +109,14 @@ def plan(settings: Settings) -> list[Point]:
              for w in settings.device_workloads for n in settings.device_counts]
   points += [Point("implementation", w, "train", implementation=i)
              for w in settings.implementation_workloads for i in ("reference", "tuned")]
+  points += [Point("target", w, m, target=t) for t in settings.targets
+             for w in settings.workloads for m in ("train", "infer")]
   return points
 
 
-def default_thread_counts(available: int) -> tuple[int, ...]:
-  """1, 2, 4, ... up to the CPUs this process may use, and that count itself."""
+def doublings(available: int) -> tuple[int, ...]:
+  """1, 2, 4, ... up to `available` (CPUs this process may use, devices it has), and that count
+  itself: the default points of a scaling series."""
   counts = [2**i for i in range(int(math.log2(available)) + 1)]
   return tuple(sorted(set(counts) | {available}))
 

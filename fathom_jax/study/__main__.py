@@ -1,7 +1,7 @@
 """python -m fathom_jax.study: plan, run (or resume) and report a study; see fathom_jax.study."""
 
-import importlib.util
 import os
+import subprocess
 import sys
 from typing import Optional, Sequence
 
@@ -9,9 +9,6 @@ from absl import app, flags
 
 from fathom_jax import flagparse, study
 from fathom_jax.errors import UsageError
-
-# Packages whose presence means JAX will pick an accelerator over the CPU.
-ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm_plugin", "libtpu")
 
 
 FLAGS = flags.FLAGS
@@ -32,11 +29,16 @@ flags.DEFINE_list("thread_counts", None,
                   "CPU counts of thread scaling; default 1, 2, 4, ... up to the CPUs available.")
 flags.DEFINE_string("device_workloads", "all",
                     "Workloads measured at each device count ('none' to skip).")
-flags.DEFINE_list("device_counts", ["1", "2", "4", "8"], "Device counts of device scaling.")
+flags.DEFINE_list("device_counts", None,
+                  "Device counts of device scaling; default 1, 2, 4, 8 on the CPU (split into "
+                  "devices), else 1, 2, 4, ... up to the devices of the backend.")
 flags.DEFINE_string("implementation_workloads", "tuned",
                     "Workloads whose train step also runs as reference and as tuned, compared "
                     "class by class ('tuned': those with a tuned implementation, where the runs "
                     "are on the CPU; 'none' to skip).")
+flags.DEFINE_list("targets", [],
+                  "Devices this machine lacks that the suite's steps also compile for (run.py "
+                  "--target; needs the 'targets' extra): h100, h200, tpu-v4, tpu-v5e, ...")
 flags.DEFINE_integer("run_timeout_s", 3600, "Longest one run may take before it counts as failed.")
 flags.DEFINE_bool("report_only", False, "Rebuild the report from the runs present; run nothing.")
 
@@ -65,16 +67,49 @@ def _counts(values: Sequence[str], flag: str, limit: Optional[int] = None) -> tu
   return counts
 
 
+def _runs_on_cpu() -> bool:
+  """Whether the study's runs will be on the CPU: --backend=cpu, or no backend named and no
+  accelerator (its plugin installed and its devices present)."""
+  from fathom_jax import environment
+  if FLAGS.backend is not None:
+    return FLAGS.backend == "cpu"
+  return not environment.accelerators_present()
+
+
 def _implementation_workloads(suite: list[str]) -> tuple[str, ...]:
   from fathom_jax import tuned
   if FLAGS.implementation_workloads.strip() != "tuned":
     return _subset(FLAGS.implementation_workloads, suite, "implementation_workloads")
-  # The tuned implementation runs on the CPU only: by default, compare where the runs are on it
-  # (an accelerator's plugin installed counts as runs elsewhere unless --backend=cpu).
-  accelerator = any(importlib.util.find_spec(p) for p in ACCELERATOR_PLUGINS)
-  if FLAGS.backend not in (None, "cpu") or (FLAGS.backend is None and accelerator):
+  # The tuned implementation runs on the CPU only: by default, compare where the runs are on it.
+  if not _runs_on_cpu():
     return ()
   return tuple(w for w in suite if w in tuned.TUNED)
+
+
+def _default_device_counts() -> tuple[int, ...]:
+  """1, 2, 4, 8 CPU devices (the host split by --cpu_devices); on an accelerator, powers of two
+  up to the devices it has, counted in a process of their own (a TPU is held by one process)."""
+  if _runs_on_cpu():
+    return (1, 2, 4, 8)
+  backend = FLAGS.backend or ""
+  proc = subprocess.run([sys.executable, "-c", f"import jax; print(jax.device_count({backend!r} "
+                         "or None))"], capture_output=True, text=True, timeout=600)
+  lines = proc.stdout.split()
+  if proc.returncode != 0 or not lines or not lines[-1].isdigit():
+    raise UsageError(f"cannot count the devices of backend {backend or 'default'}: "
+                     f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
+  return study.doublings(int(lines[-1]))
+
+
+def _targets() -> tuple[str, ...]:
+  from fathom_jax import targets
+  names = tuple(dict.fromkeys(t.strip() for t in FLAGS.targets if t.strip()))
+  for name in names:
+    target = targets.get(name)
+    if not targets.plugin_present(target.platform):
+      what = "jax-cuda12-plugin" if target.platform == "cuda" else "libtpu"
+      raise UsageError(f"--targets={name} needs {what}: {targets.INSTALL}")
+  return names
 
 
 def settings_from_flags() -> study.Settings:
@@ -91,9 +126,12 @@ def settings_from_flags() -> study.Settings:
     raise UsageError(f"--warmup_steps must be >= 0, got {FLAGS.warmup_steps}")
   available = len(os.sched_getaffinity(0))
   threads = (_counts(FLAGS.thread_counts, "thread_counts", available) if FLAGS.thread_counts
-             else study.default_thread_counts(available))
-  devices = _counts(FLAGS.device_counts, "device_counts")
+             else study.doublings(available))
   device_workloads = _subset(FLAGS.device_workloads, suite, "device_workloads")
+  if FLAGS.device_counts:
+    devices = _counts(FLAGS.device_counts, "device_counts")
+  else:
+    devices = _default_device_counts() if device_workloads else ()
   return study.Settings(
       workloads=tuple(suite), preset=FLAGS.preset, steps=FLAGS.steps,
       warmup_steps=FLAGS.warmup_steps, backend=FLAGS.backend,
@@ -102,7 +140,7 @@ def settings_from_flags() -> study.Settings:
       thread_workloads=_subset(FLAGS.thread_workloads, suite, "thread_workloads"),
       thread_counts=threads, device_workloads=device_workloads, device_counts=devices,
       device_batch={w: study.device_batch(w, FLAGS.preset, devices) for w in device_workloads},
-      implementation_workloads=_implementation_workloads(suite))
+      implementation_workloads=_implementation_workloads(suite), targets=_targets())
 
 
 def main(argv: list[str]) -> None:

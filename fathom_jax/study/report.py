@@ -8,6 +8,7 @@ Each section uses the points that finished; missing or failed ones are listed, n
 
 import csv
 import dataclasses
+import glob
 import json
 import os
 from typing import Optional
@@ -15,7 +16,8 @@ from typing import Optional
 import numpy as np
 
 from fathom_jax import results
-from fathom_jax.analysis import breakdown, categories, roofline, scaling, similarity
+from fathom_jax.analysis import (breakdown, categories, hlo, roofline, scaling, similarity,
+                                 static)
 from fathom_jax.errors import DataError
 
 REPORT_FILE = "report.md"
@@ -82,7 +84,10 @@ def load(study_dir: str) -> tuple[dict, list[Run], Optional[dict]]:
       if outcome.get("run_dir"):
         run.run_dir = outcome["run_dir"]
         run.record = results.read_result(run.run_dir)
-        run.summary, run.ops = _breakdown(outcome["run_dir"])
+        if point.kind == "target":
+          run.summary = _static(outcome["run_dir"])
+        else:
+          run.summary, run.ops = _breakdown(outcome["run_dir"])
         if run.status == "completed" and run.summary is None:
           run.status, run.error = "failed", "the run left no op breakdown"
     runs.append(run)
@@ -92,6 +97,14 @@ def load(study_dir: str) -> tuple[dict, list[Run], Optional[dict]]:
     with open(peaks_path) as f:
       peaks = json.load(f)
   return meta, runs, peaks
+
+
+def _static(run_dir: str) -> Optional[dict]:
+  path = os.path.join(run_dir, static.STATIC_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def _breakdown(run_dir: str) -> tuple[Optional[dict], Optional[list]]:
@@ -319,6 +332,52 @@ def implementation_rows(runs: list[Run]) -> list[dict]:
         **{f"reference_ms:{c}": reference.class_ms(c) for c in CLASSES},
         **{f"tuned_ms:{c}": tuned.class_ms(c) for c in CLASSES},
     })
+  return rows
+
+
+def _program_memory_gb(memory: dict) -> Optional[float]:
+  parts = [memory.get(k) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                   "temp_size_in_bytes")]
+  return sum(p for p in parts if p) / 1e9 if any(parts) else None
+
+
+def _static_row(workload: str, mode: str, device: str, summary: dict,
+                memory_gb: Optional[float]) -> dict:
+  total_flops = summary["flops"] or 1.0
+  return {
+      "workload": workload, "mode": mode, "device": device,
+      "gflop": summary["flops"] / 1e9, "estimated_ms": summary["estimated_step_s"] * 1e3,
+      "fusions": summary["fusions_launched"], "library_calls": summary["library_calls_launched"],
+      "memory_gb": memory_gb,
+      **{f"flops_share:{c}": summary["classes"].get(c, {}).get("flops", 0.0) / total_flops
+         for c in CLASSES},
+      **{f"time_share:{c}": summary["classes"].get(c, {}).get("share_of_estimated_time", 0.0)
+         for c in CLASSES},
+  }
+
+
+def target_rows(runs: list[Run], peaks: Optional[dict]) -> list[dict]:
+  """The suite's steps on this machine and on each target, all by the same static estimate: this
+  machine's from its runs' optimised HLO and measured peaks, the targets' from their compiles."""
+  targets_ = _completed(runs, "target")
+  if not targets_:
+    return []
+  rows = []
+  if peaks:
+    cpu_peaks = static.Peaks(peaks["matmul_flops_per_s"], peaks["copy_bytes_per_s"],
+                             peaks["matmul_flops_per_s"])
+    for r in _completed(runs, "suite"):
+      files = sorted(glob.glob(os.path.join(r.run_dir, "hlo", "*.optimized.hlo.txt")))
+      if len(files) != 1:
+        continue
+      with open(files[0]) as f:
+        summary = static.analyse(hlo.parse_module(f.read()), cpu_peaks)
+      device = f"this {peaks.get('platform', 'cpu')} ({r.record.get('implementation', '?')})"
+      rows.append(_static_row(r.point.workload, r.point.mode, device, summary,
+                              _program_memory_gb(r.record["figures"].get("compiled_memory") or {})))
+  for r in targets_:
+    rows.append(_static_row(r.point.workload, r.point.mode, r.point.target, r.summary,
+                            _program_memory_gb(r.record["figures"].get("compiled_memory") or {})))
   return rows
 
 
@@ -592,6 +651,30 @@ def _implementation_section(runs: list[Run], out: _Out) -> list[str]:
           "", "![reference against tuned](figures/implementations.png)", ""]
 
 
+def _target_section(runs: list[Run], peaks: Optional[dict], out: _Out) -> list[str]:
+  rows = target_rows(runs, peaks)
+  if not rows:
+    return []
+  out.table("targets.csv", rows)
+  devices = list(dict.fromkeys(r["device"] for r in rows))
+  panels = [(device, [f"{r['workload']} {r['mode']}" for r in rows if r["device"] == device],
+             [{c: r[f"time_share:{c}"] for c in CLASSES} for r in rows if r["device"] == device])
+            for device in devices]
+  plot_class_bars(panels, out.figure("targets.png"),
+                  "estimated time per op class, share of step (static: no device ran)")
+  return ["## The same steps on other devices (static estimates)", "",
+          "Each step compiled for devices this machine lacks (`run.py --target`, the reference "
+          "implementation) and, for comparison, this machine's compiled steps, all read the same "
+          "way: FLOPs by our cost model, and per op the larger of its FLOPs over the device's "
+          "peak and its bytes over its memory bandwidth (this machine's measured peaks above, "
+          "the targets' datasheet figures). The times are floors, not measurements: nothing "
+          "was autotuned or run. Fusions and library calls are counted as launched per step; "
+          "memory is the compiler's (arguments, outputs, temporaries).", "",
+          markdown_table(rows, ["workload", "mode", "device", "gflop", "estimated_ms",
+                                "fusions", "library_calls", "memory_gb"]),
+          "", "![targets](figures/targets.png)", ""]
+
+
 def _roofline_section(runs: list[Run], peaks: Optional[dict], out: _Out) -> list[str]:
   points = roofline_points(runs)
   if not (points and peaks):
@@ -637,6 +720,7 @@ def build(study_dir: str) -> str:
         *_suite_section(runs, peaks, out), *_train_vs_infer_section(runs, out),
         *_similarity_section(runs, out), *_fusion_section(runs, out),
         *_scaling_sections(runs, out), *_implementation_section(runs, out),
+        *_target_section(runs, peaks, out),
         *_roofline_section(runs, peaks, out),
         *_runs_section(runs, study_dir)]
   path = os.path.join(study_dir, REPORT_FILE)
