@@ -40,8 +40,21 @@ def _flops(m: hlo.Module, opcodes=None, targets_=None) -> float:
 
 def test_every_workload_and_mode_has_fixtures():
   for target in ("h100", "tpu-v5e"):
-    assert {p for p in PROGRAMS if p.startswith(target)} == {
+    assert {p for p in PROGRAMS if p.startswith(target) and "conv_kinds" not in p} == {
         f"{target}/{w}.{m}" for w in registry.expand("all") for m in ("train", "infer")}
+
+
+def test_strided_dilated_and_grouped_convolutions_reach_cudnn_in_every_kind():
+  # conv_kinds.train: the program the per-kind FLOP check above runs on, beside the workloads.
+  m = module("h100/conv_kinds.train")
+  calls = [i for c in m.computations.values() for i in c.instructions
+           if i.opcode == "custom-call" and "cudnn$conv" in i.custom_call_target]
+  kinds = {i.custom_call_target.split("$")[1] for i in calls}
+  assert {"convBackwardInput", "convBackwardFilter"} <= kinds and kinds & {
+      "convForward", "convBiasActivationForward"}
+  windows = " ".join(i.attrs.get("window", "") for i in calls)
+  assert "stride=2x2" in windows and "rhs_dilate=2x2" in windows
+  assert any(int(i.attrs.get("feature_group_count", "1")) == 4 for i in calls)
 
 
 @pytest.mark.parametrize("program", [p for p in PROGRAMS if p.startswith("tpu")])
@@ -61,7 +74,11 @@ def test_gpu_flops_agree_with_xlas_before_and_convolutions_after_its_passes(prog
   cudnn = _flops(module(program), opcodes=("convolution",),
                  targets_=("convForward", "convBiasActivationForward", "convBackwardInput",
                            "convBackwardFilter"))
-  assert cudnn == pytest.approx(convolutions, rel=0.02, abs=1.0)
+  # In conv_kinds XLA pads the strided convolution's input for cuDNN (16x16 to 17x17), whose
+  # products with those zeros count, and turns the dilated kernel's gradient into a forward
+  # call over the transposed operands: 3.9% apart. The workloads' steps agree within 2%.
+  tolerance = 0.05 if "conv_kinds" in program else 0.02
+  assert cudnn == pytest.approx(convolutions, rel=tolerance, abs=1.0)
 
 
 def test_cudnn_convolution_kinds_are_convolution_work():

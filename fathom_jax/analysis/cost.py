@@ -154,7 +154,6 @@ def conv_flops(inst: hlo.Instruction) -> float:
   lhs, rhs, out = roles
   if len(lhs_l) != len(lhs.dims) or len(rhs_l) != len(rhs.dims) or len(out_l) != len(out.dims):
     return 0.0
-  batch_groups = int(inst.attrs.get("batch_group_count", "1") or 1)
   window = _window(inst)
   spatial = [c for c in lhs_l if c.isdigit()]
   pairs = 1
@@ -164,8 +163,11 @@ def conv_flops(inst: hlo.Instruction) -> float:
     pairs *= _valid_pairs(lhs.dims[lhs_l.index(c)], out.dims[out_l.index(c)], w)
   batch = out.dims[out_l.index("b")]
   out_features = out.dims[out_l.index("f")]
-  in_features = rhs.dims[rhs_l.index("i")]  # per feature group already
-  return 2.0 * pairs * batch * out_features * in_features / batch_groups
+  # The kernel's input features are per feature group already. A batch-grouped convolution (a
+  # grouped kernel's gradient) is not divided by its groups, as XLA counts it (conv_kinds in
+  # tests/data/targets).
+  in_features = rhs.dims[rhs_l.index("i")]
+  return 2.0 * pairs * batch * out_features * in_features
 
 
 class CostModel:
