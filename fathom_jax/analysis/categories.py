@@ -70,10 +70,10 @@ _FUSION_KINDS = {"kLoop": "loop fusion", "kInput": "input fusion", "kOutput": "o
                  "kCustom": "custom fusion"}
 
 
-# Custom calls of the TPU compiler that compute nothing: they pack gather and scatter indices,
-# assert their bounds, or reserve a buffer.
-_TPU_BOOKKEEPING_CALLS = ("GatherScatterIndicesBitpacked", "AssumeGatherIndicesInBound",
-                          "AllocateBuffer")
+# Custom calls of the TPU compiler that move data or compute nothing: a concatenation, packed
+# gather and scatter indices, an assertion of their bounds, a reserved buffer.
+_TPU_DATA_MOVEMENT_CALLS = ("ConcatBitcast", "GatherScatterIndicesBitpacked",
+                            "AssumeGatherIndicesInBound", "AllocateBuffer")
 # Async pairs whose start does the work (the done only waits): their category is the op's.
 _ASYNC_PAIRS = {"slice-start": "slice", "slice-done": "slice"}
 
@@ -171,7 +171,7 @@ def fathom_class(inst: hlo.Instruction) -> str:
     return ELEMENTWISE
   if op in cost.DATA_MOVEMENT or op in ("infeed", "outfeed") or op in _ASYNC_PAIRS:
     return DATA_MOVEMENT
-  if op == "custom-call" and inst.custom_call_target in _TPU_BOOKKEEPING_CALLS:
+  if op == "custom-call" and inst.custom_call_target in _TPU_DATA_MOVEMENT_CALLS:
     return DATA_MOVEMENT
   return OTHER
 

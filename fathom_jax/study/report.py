@@ -356,6 +356,15 @@ def _static_row(workload: str, mode: str, device: str, summary: dict,
   }
 
 
+def _static_of_program(run_dir: Optional[str], peaks: static.Peaks) -> Optional[dict]:
+  """The static breakdown of the one program a run folder's hlo/ holds, or None."""
+  files = sorted(glob.glob(os.path.join(run_dir or "", "hlo", "*.optimized.hlo.txt")))
+  if len(files) != 1:
+    return None
+  with open(files[0]) as f:
+    return static.analyse(hlo.parse_module(f.read()), peaks)
+
+
 def target_rows(runs: list[Run], peaks: Optional[dict]) -> list[dict]:
   """The suite's steps on this machine and on each target, all by the same static estimate: this
   machine's from its runs' optimised HLO and measured peaks, the targets' from their compiles."""
@@ -367,16 +376,21 @@ def target_rows(runs: list[Run], peaks: Optional[dict]) -> list[dict]:
     cpu_peaks = static.Peaks(peaks["matmul_flops_per_s"], peaks["copy_bytes_per_s"],
                              peaks["matmul_flops_per_s"])
     for r in _completed(runs, "suite"):
-      files = sorted(glob.glob(os.path.join(r.run_dir, "hlo", "*.optimized.hlo.txt")))
-      if len(files) != 1:
+      summary = _static_of_program(r.run_dir, cpu_peaks)
+      if summary is None:
         continue
-      with open(files[0]) as f:
-        summary = static.analyse(hlo.parse_module(f.read()), cpu_peaks)
       device = f"this {peaks.get('platform', 'cpu')} ({r.record.get('implementation', '?')})"
       rows.append(_static_row(r.point.workload, r.point.mode, device, summary,
                               _program_memory_gb(r.record["figures"].get("compiled_memory") or {})))
   for r in targets_:
-    rows.append(_static_row(r.point.workload, r.point.mode, r.point.target, r.summary,
+    # Read again from the compiled program, so a rebuilt report has the analysis of today.
+    target, dtype = r.record.get("target", {}), r.record.get("spec", {}).get("dtype", "float32")
+    summary = r.summary
+    if target.get("matrix_flops_per_s", {}).get(dtype):
+      summary = _static_of_program(r.run_dir, static.Peaks(
+          target["matrix_flops_per_s"][dtype], target["memory_bytes_per_s"],
+          target.get("vector_flops_per_s"))) or summary
+    rows.append(_static_row(r.point.workload, r.point.mode, r.point.target, summary,
                             _program_memory_gb(r.record["figures"].get("compiled_memory") or {})))
   return rows
 
@@ -415,7 +429,12 @@ def plot_class_bars(panels: list[tuple[str, list[str], list[dict]]], path: str, 
     ax.invert_yaxis()
     ax.set_title(name, fontsize=9, loc="left")
     ax.set_xlabel("% of step time" if key == "share" else "ms per step")
-  handles, labels = axes[0][0].get_legend_handles_labels()
+  legend = {}  # every class any panel shows, in the classes' order
+  for ax in axes[0]:
+    for handle, label in zip(*ax.get_legend_handles_labels()):
+      legend.setdefault(label, handle)
+  labels = [c for c in CLASSES if c in legend]
+  handles = [legend[c] for c in labels]
   fig.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.95),
              frameon=False)
   fig.suptitle(title, fontsize=10)

@@ -21,9 +21,11 @@ float32 products at JAX's default matmul precision.
 estimate holds only matrix work to a FLOP peak and everything else to memory bandwidth.)
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
+import sys
 from typing import Optional
 
 from fathom_jax.analysis import static
@@ -100,6 +102,24 @@ def devices(target: Target) -> list:
   if not plugin_present(target.platform):
     what = "jax-cuda12-plugin" if target.platform == "cuda" else "libtpu"
     raise UsageError(f"--target={target.name} needs {what}: {INSTALL}")
+  with _native_stderr_silenced():  # the plugins' start-up log lines about absent hardware
+    return _topology_devices(target, topologies)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced():
+  sys.stderr.flush()
+  saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(null, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(null)
+
+
+def _topology_devices(target: Target, topologies) -> list:
   if target.platform == "cuda":
     with open(os.path.join(_HERE, target.gpu_config)) as f:
       config = f.read()
