@@ -6,7 +6,7 @@ import sys
 
 from absl import app, flags
 
-from fathom_jax import host_memory
+from fathom_jax import host_memory, native_logs
 from fathom_jax.errors import RunFailed, UsageError
 from fathom_jax.flagparse import parse_flags
 
@@ -114,6 +114,7 @@ def _start_backends() -> None:
                                  num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
     except (ValueError, RuntimeError) as e:
       raise UsageError(f"cannot join the multi-host run: {str(e).splitlines()[0]}") from None
+  native_logs.start_backends()
 
 
 def specs_from_flags() -> list:
@@ -139,6 +140,7 @@ def main(argv: list[str]) -> None:
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
   if FLAGS.huge_pages:
     host_memory.restart_with_huge_pages()
+  native_logs.import_jax()
   if _keep_host_memory():
     host_memory.keep_freed_memory()
   try:

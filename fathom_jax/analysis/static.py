@@ -118,8 +118,8 @@ def format_table(summary: dict, title: str = "") -> str:
   us = lambda s: f"{s * 1e6:12.1f}"
   heading = "== static breakdown (estimate)"
   lines = [f"{heading}: {title}" if title else heading,
-           f"  estimated step {summary['estimated_step_s'] * 1e3:.3f} ms, "
-           f"{summary['flops'] / 1e9:.3f} GFLOP, {summary['bytes'] / 1e9:.3f} GB, "
+           f"  estimated step {summary['estimated_step_s'] * 1e3:.3g} ms, "
+           f"{summary['flops'] / 1e9:.3g} GFLOP, {summary['bytes'] / 1e9:.3g} GB, "
            f"{summary['ops_launched']:.0f} ops launched ({summary['fusions_launched']:.0f} "
            f"fusions, {summary['library_calls_launched']:.0f} library calls)"]
   for heading, table in (("Fathom class", summary["classes"]),

@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 from absl import app, flags
 
-from fathom_jax import flagparse, study
+from fathom_jax import flagparse, native_logs, study
 from fathom_jax.errors import UsageError
 
 
@@ -145,6 +145,7 @@ def settings_from_flags() -> study.Settings:
 
 def main(argv: list[str]) -> None:
   del argv
+  native_logs.import_jax()
   try:
     if FLAGS.report_only:
       from fathom_jax.study import report

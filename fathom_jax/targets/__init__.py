@@ -21,13 +21,12 @@ float32 products at JAX's default matmul precision.
 estimate holds only matrix work to a FLOP peak and everything else to memory bandwidth.)
 """
 
-import contextlib
 import dataclasses
 import importlib.util
 import os
-import sys
 from typing import Optional
 
+from fathom_jax import native_logs
 from fathom_jax.analysis import static
 from fathom_jax.errors import UsageError
 
@@ -88,7 +87,7 @@ def prepare_process() -> None:
   (a GPU or TPU plugin must not look for devices), the CUDA plugin skips its check of CUDA
   libraries that a machine without a GPU lacks, and libtpu does not ask a cloud metadata server
   which TPU VM it is on (it warns, at length, when there is none)."""
-  import jax
+  jax = native_logs.import_jax()
   os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
@@ -102,21 +101,8 @@ def devices(target: Target) -> list:
   if not plugin_present(target.platform):
     what = "jax-cuda12-plugin" if target.platform == "cuda" else "libtpu"
     raise UsageError(f"--target={target.name} needs {what}: {INSTALL}")
-  with _native_stderr_silenced():  # the plugins' start-up log lines about absent hardware
+  with native_logs.silenced():  # the plugins' start-up log lines about absent hardware
     return _topology_devices(target, topologies)
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced():
-  sys.stderr.flush()
-  saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  os.dup2(null, 2)
-  try:
-    yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(null)
 
 
 def _topology_devices(target: Target, topologies) -> list:
