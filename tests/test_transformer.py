@@ -1,0 +1,84 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fathom_jax.errors import UsageError
+from fathom_jax.workloads import transformer
+from tests import workload_checks as checks
+
+
+def test_gpt2_small_parameter_count():
+  width, layers, vocab, context = 768, 12, 50257, 1024
+  block = (2 * 2 * width  # two layer norms
+           + width * 3 * width + 3 * width + width * width + width  # attention
+           + width * 4 * width + 4 * width + 4 * width * width + width)  # MLP
+  # Tied output layer: the token embedding is counted once.
+  expected = vocab * width + context * width + layers * block + 2 * width
+  assert checks.parameter_count("transformer") == expected == 124_439_808
+
+
+def _model_and_variables():
+  config, model = checks.build("transformer")
+  batch = checks.synthetic_batch(model, 1, 2)
+  return config, transformer.GPT(config), checks.init_variables(model, jax.random.key(0), batch), \
+      batch
+
+
+def test_attention_is_causal():
+  config, module, variables, batch = _model_and_variables()
+  tokens = batch["tokens"]
+  changed = tokens.at[:, 20].set((tokens[:, 20] + 1) % config.vocab_size)
+  apply = jax.jit(lambda t: module.apply(variables, t, False))
+  before, after = apply(tokens), apply(changed)
+  np.testing.assert_array_equal(before[:, :20], after[:, :20])  # the past never sees the future
+  assert not np.allclose(before[:, 20:], after[:, 20:])
+
+
+def test_cached_decoding_equals_recomputing_the_whole_sequence():
+  config, module, variables, batch = _model_and_variables()
+  prompt = batch["tokens"][:, :config.prompt_length]
+  tokens, logits = jax.jit(lambda v, p: transformer.generate(module, v, p, config.new_tokens))(
+      variables, prompt)
+  assert tokens.shape == (2, config.new_tokens)
+  apply = jax.jit(lambda t: module.apply(variables, t, False)[:, -1])
+  sequence = prompt
+  for i in range(config.new_tokens):
+    want = apply(sequence)
+    np.testing.assert_allclose(logits[:, i], want, rtol=1e-5, atol=1e-5)
+    sequence = jnp.concatenate([sequence, jnp.argmax(want, -1)[:, None].astype(prompt.dtype)], 1)
+  np.testing.assert_array_equal(tokens, sequence[:, config.prompt_length:])
+
+
+def test_inference_decodes_greedily_from_the_prompt():
+  config, model = checks.build("transformer")
+  out = checks.infer_outputs(model, 3)
+  assert out["tokens"].shape == (3, config.new_tokens)
+  assert out["tokens"].dtype == jnp.int32
+  assert int(out["tokens"].min()) >= 0 and int(out["tokens"].max()) < config.vocab_size
+
+
+def test_loss_falls_and_is_deterministic():
+  _, model = checks.build("transformer")
+  checks.assert_loss_falls(model, 4, steps=40, factor=0.8)
+  checks.assert_deterministic(model, 4)
+
+
+def test_weight_decay_applies_to_matrices_only():
+  params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,))}
+  # With zero gradients only the decay moves a parameter: the kernel, not the bias.
+  _, model = checks.build("transformer", learning_rate=1.0, weight_decay=0.5)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = model.optimizer.update(zero, model.optimizer.init(params), params)
+  np.testing.assert_allclose(updates["kernel"], -0.5 * np.ones((2, 2)))
+  np.testing.assert_allclose(updates["bias"], np.zeros(2))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"width": 30, "heads": 4}, "divide"),
+    ({"prompt_length": 30, "new_tokens": 8}, "fit the context"),
+    ({"dropout": 1.0}, "dropout"),
+])
+def test_bad_configs_are_usage_errors(changes, message):
+  with pytest.raises(UsageError, match=message):
+    checks.build("transformer", **changes)
