@@ -1,9 +1,12 @@
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fathom_jax.errors import UsageError
+from fathom_jax import text
+from fathom_jax.errors import DataError, UsageError
 from fathom_jax.workloads import transformer
 from tests import workload_checks as checks
 
@@ -82,3 +85,40 @@ def test_weight_decay_applies_to_matrices_only():
 def test_bad_configs_are_usage_errors(changes, message):
   with pytest.raises(UsageError, match=message):
     checks.build("transformer", **changes)
+
+
+def _text_config(context=16):
+  return dataclasses.replace(transformer.PRESETS["tiny"], context=context, prompt_length=4,
+                             new_tokens=4)
+
+
+def test_text_reads_as_byte_tokens_with_end_of_text_between_files(tmp_path):
+  (tmp_path / "a.txt").write_text("héllo wörld, " * 3)
+  (tmp_path / "b.txt").write_text("second file\n")
+  (tmp_path / "notes.md").write_text("not read")
+  source, config = text.load_data(_text_config(), str(tmp_path))
+  stream = list("héllo wörld, ".encode() * 3) + [text.END_OF_TEXT] + list(b"second file\n") + [
+      text.END_OF_TEXT]
+  assert config.vocab_size == text.VOCAB_SIZE == 257
+  tokens = source.arrays["tokens"]
+  assert tokens.shape == (len(stream) // 16, 16) and tokens.dtype == np.int32
+  np.testing.assert_array_equal(tokens.ravel(), stream[:tokens.size])
+  assert source.summary()["files"] == 2
+
+
+def test_bad_text_fails_in_one_line_or_is_skipped(tmp_path):
+  (tmp_path / "good.txt").write_text("enough text to fill a context or two " * 2)
+  (tmp_path / "bad.txt").write_bytes(b"caf\xe9 latin-1\n")
+  (tmp_path / "empty.txt").write_text("")
+  with pytest.raises(DataError, match=r"bad.txt: not UTF-8 text"):
+    text.load_data(_text_config(), str(tmp_path))
+  source, _ = text.load_data(_text_config(), str(tmp_path), bad_samples="skip")
+  assert source.summary()["bad_samples"]["skipped"] == 2
+  with pytest.raises(DataError, match="empty"):
+    text.load_data(_text_config(), str(tmp_path / "empty.txt"))
+  (tmp_path / "short.txt").write_text("short")
+  with pytest.raises(DataError, match="fewer than one context of 16"):
+    text.load_data(_text_config(), str(tmp_path / "short.txt"))
+  (tmp_path / "nothing").mkdir()
+  with pytest.raises(DataError, match="no \\*.txt files"):
+    text.load_data(_text_config(), str(tmp_path / "nothing"))

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fathom_jax import text
 from fathom_jax.errors import UsageError
 from fathom_jax.workloads import base
 
@@ -206,5 +207,6 @@ WORKLOAD = base.Workload(
     config_cls=Config,
     presets=PRESETS,
     build=build,
+    load_data=text.load_data,
     example_unit="sequences",
 )
