@@ -73,6 +73,9 @@ def summarise(figures: dict, batch_size: int) -> dict:
   flops = figures.get("flops_per_step")
   figures.update(step_time_s=timing, examples_per_s=batch_size / timing["median"],
                  flops_per_s=flops / timing["median"] if flops else None)
+  if figures.get("tokens_per_example"):  # sequence models: per token position of the batch
+    figures["tokens_per_s"] = figures["examples_per_s"] * figures["tokens_per_example"]
+    figures["time_per_token_s"] = timing["median"] / figures["tokens_per_example"]
   if figures.get("losses"):
     figures["final_loss"] = figures["losses"][-1]
   return figures
@@ -107,7 +110,9 @@ def format_summary(record: dict) -> str:
       f"(lower {f['lower_time_s']:.2f} s, compile {f['compile_time_s']:.2f} s)",
       f"  step time    median {t['median'] * 1e3:.2f} ms  p10 {t['p10'] * 1e3:.2f} ms  "
       f"p90 {t['p90'] * 1e3:.2f} ms  ({len(f['step_times_s'])} steps)",
-      f"  throughput   {f['examples_per_s']:.1f} {record['example_unit']}/s",
+      f"  throughput   {f['examples_per_s']:.1f} {record['example_unit']}/s"
+      + (f", {si(f['tokens_per_s'], 'tokens/s')}, {f['time_per_token_s'] * 1e3:.3f} ms per "
+         f"token of the batch" if f.get("tokens_per_s") else ""),
       f"  model FLOPs  {si(f['flops_per_step'], 'FLOP')}/step, "
       f"{si(f['flops_per_s'], 'FLOP/s')}",
       f"  memory       {mem_text}",

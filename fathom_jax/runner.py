@@ -249,6 +249,9 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
     raise
   finally:
     record["data"] = source.summary()
+    tokens = resolved.workload.tokens_per_example
+    if tokens is not None:
+      figures["tokens_per_example"] = tokens(resolved.config, spec.mode)
     record["figures"] = results.summarise(figures, batch_size)
     if run_dir:
       results.write_json_atomic(os.path.join(run_dir, results.RESULT_FILE), record)

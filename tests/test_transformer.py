@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fathom_jax import text
+from fathom_jax import results, text
 from fathom_jax.errors import DataError, UsageError
 from fathom_jax.workloads import transformer
 from tests import workload_checks as checks
@@ -122,3 +122,12 @@ def test_bad_text_fails_in_one_line_or_is_skipped(tmp_path):
   (tmp_path / "nothing").mkdir()
   with pytest.raises(DataError, match="no \\*.txt files"):
     text.load_data(_text_config(), str(tmp_path / "nothing"))
+
+
+def test_throughput_is_also_stated_in_tokens():
+  config = transformer.PRESETS["paper"]
+  count = transformer.WORKLOAD.tokens_per_example
+  assert count(config, "train") == 1024 and count(config, "infer") == config.new_tokens == 128
+  figures = results.summarise({"step_times_s": [0.2, 0.1, 0.1], "tokens_per_example": 8}, 4)
+  assert figures["tokens_per_s"] == pytest.approx(4 * 8 / 0.1)
+  assert figures["time_per_token_s"] == pytest.approx(0.1 / 8)

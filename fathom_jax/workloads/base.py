@@ -60,6 +60,8 @@ class Workload:
   default_source(config, model) -> data source used when no path is given (synthetic otherwise);
     a source may define `observe(state)`, which the runner calls before each batch with the
     latest train state (or inference variables), e.g. for an agent acting in an environment.
+  tokens_per_example(config, mode) -> int: for a sequence model, the tokens one example of a step
+    trains on or generates, so that throughput is also stated in tokens.
   large_host_buffers: its paper-size steps allocate and free host buffers of tens to hundreds of
     MB every step, so a CPU run keeps freed memory for reuse (host_memory.py); for small steps
     the one allocator arena that takes costs more than it saves.
@@ -72,4 +74,5 @@ class Workload:
   load_data: Optional[Callable[..., tuple[Any, Any]]] = None
   default_source: Optional[Callable[[Any, Model], Any]] = None
   example_unit: str = "examples"
+  tokens_per_example: Optional[Callable[[Any, str], int]] = None
   large_host_buffers: bool = False

@@ -209,4 +209,8 @@ WORKLOAD = base.Workload(
     build=build,
     load_data=text.load_data,
     example_unit="sequences",
+    # Training reads a whole context per sequence; inference generates new_tokens (the prompt's
+    # prefill is part of the step's time, not of its tokens).
+    tokens_per_example=lambda config, mode: (config.context if mode == "train"
+                                             else config.new_tokens),
 )
