@@ -35,3 +35,13 @@ def test_truncated_or_cut_hlo(sample, data):
 def test_hlo_with_inserted_junk(sample, data, junk):
   at = data.draw(st.integers(0, len(sample)))
   _parse_or_clear_error(sample[:at] + junk + sample[at:])
+
+
+def test_a_frame_id_cut_with_its_brace_still_parses():
+  # Found by the fuzzer above: a text cut inside an instruction's metadata left the frame id
+  # as '13}' among the attributes.
+  text = ("HloModule m\n\nStackFrames\n1 {file_location_id=1 parent_frame_id=1}\n\n"
+          "ENTRY %main (p: f32[2]) -> f32[2] {\n  %p = f32[2]{0} parameter(0)\n"
+          "  ROOT %n = f32[2]{0} negate(%p), stack_frame_id=13}\n}\n")
+  module = hlo.parse_module(text)
+  assert module.entry_computation.root.opcode == "negate"

@@ -286,7 +286,9 @@ def _resolve_frames(tables: dict, instructions: list[Instruction]) -> None:
   files, locations, frames = (tables.get("FileNames", {}), tables.get("FileLocations", {}),
                               tables.get("StackFrames", {}))
   for inst in instructions:
-    frame = frames.get(int(inst.attrs.get("stack_frame_id", 0) or 0))
+    # A cut line can leave the id with the metadata's closing brace: read its digits only.
+    digits = re.match(r"\d+", str(inst.attrs.get("stack_frame_id", "")))
+    frame = frames.get(int(digits.group(0))) if digits else None
     if not frame:
       continue
     loc = locations.get(frame.get("file_location_id", 0))
