@@ -149,12 +149,12 @@ def main(argv: list[str]) -> None:
   except UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  if FLAGS.target is not None:
-    _compile_for_target()
-    return
-  import jax
-  from fathom_jax import results, runner
   try:
+    if FLAGS.target is not None:
+      _compile_for_target()
+      return
+    import jax
+    from fathom_jax import results, runner
     _start_backends()
     specs = specs_from_flags()
     # Resolve every run first, so a bad preset or path fails before anything is written.
@@ -172,32 +172,27 @@ def main(argv: list[str]) -> None:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   except KeyboardInterrupt:
-    print("interrupted: the result file records the steps that finished", file=sys.stderr)
+    print("interrupted" if FLAGS.target is not None else
+          "interrupted: the result file records the steps that finished", file=sys.stderr)
     sys.exit(130)
 
 
 def _compile_for_target() -> None:
+  """--target: the steps compiled for the target; usage errors raise, for main to report."""
   from fathom_jax import target_compile, targets
-  try:
-    target = targets.get(FLAGS.target)
-    for name in ("backend", "cpu_devices", "num_devices", "num_processes", "coordinator_address"):
-      if getattr(FLAGS, name) is not None:
-        raise UsageError(f"--{name} chooses devices to run on; --target runs nothing")
-    if FLAGS.profile:
-      raise UsageError("--profile traces a run; --target runs nothing (its breakdown is static)")
-    specs = specs_from_flags()
-    for spec in specs:  # every request is checked before anything is compiled or written
-      target_compile.check_request(spec, target)
-    targets.prepare_process()
-    devices = targets.devices(target)
-    for spec in specs:
-      target_compile.compile_for_target(spec, target, devices)
-  except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt:
-    print("interrupted", file=sys.stderr)
-    sys.exit(130)
+  target = targets.get(FLAGS.target)
+  for name in ("backend", "cpu_devices", "num_devices", "num_processes", "coordinator_address"):
+    if getattr(FLAGS, name) is not None:
+      raise UsageError(f"--{name} chooses devices to run on; --target runs nothing")
+  if FLAGS.profile:
+    raise UsageError("--profile traces a run; --target runs nothing (its breakdown is static)")
+  specs = specs_from_flags()
+  for spec in specs:  # every request is checked before anything is compiled or written
+    target_compile.check_request(spec, target)
+  targets.prepare_process()
+  devices = targets.devices(target)
+  for spec in specs:
+    target_compile.compile_for_target(spec, target, devices)
 
 
 def run() -> None:

@@ -33,8 +33,11 @@ class Peaks:
   vector_flops_per_s: Optional[float] = None
 
 
-def launched_ops(module: hlo.Module) -> Iterator[tuple[hlo.Instruction, float]]:
+def launched_ops(module: hlo.Module, model: Optional[cost.CostModel] = None
+                 ) -> Iterator[tuple[hlo.Instruction, float]]:
   """(op, times it runs per execution of the program) for every op the program launches."""
+  model = model or cost.CostModel(module)
+
   def walk(computation: str, times: float):
     comp = module.computations.get(computation)
     if comp is None:
@@ -45,7 +48,6 @@ def launched_ops(module: hlo.Module) -> Iterator[tuple[hlo.Instruction, float]]:
         for called in inst.called:
           yield from walk(called, times * trips)
       elif inst.opcode == "conditional":
-        model = cost.CostModel(module)
         branches = sorted(inst.called, key=lambda c: model.computation(c).work, reverse=True)
         if branches:
           yield from walk(branches[0], times)
@@ -78,7 +80,7 @@ def analyse(module: hlo.Module, peaks: Peaks) -> dict:
     row["bytes"] += nbytes
     row["estimated_s"] += seconds
 
-  for inst, times in launched_ops(module):
+  for inst, times in launched_ops(module, model):
     c = model.instruction(inst.name)
     shares = categories.class_shares(inst, module, model)
     matrix_share = sum(v for k, v in shares.items() if k in _MATRIX_CLASSES)

@@ -105,10 +105,7 @@ def _targets() -> tuple[str, ...]:
   from fathom_jax import targets
   names = tuple(dict.fromkeys(t.strip() for t in FLAGS.targets if t.strip()))
   for name in names:
-    target = targets.get(name)
-    if not targets.plugin_present(target.platform):
-      what = "jax-cuda12-plugin" if target.platform == "cuda" else "libtpu"
-      raise UsageError(f"--targets={name} needs {what}: {targets.INSTALL}")
+    targets.require_plugin(targets.get(name), "targets")
   return names
 
 

@@ -77,9 +77,18 @@ def get(name: str) -> Target:
   return TARGETS[name]
 
 
+# The package each platform's compiles need: (import name, distribution name).
+_PLUGIN = {"cuda": ("jax_cuda12_plugin", "jax-cuda12-plugin"), "tpu": ("libtpu", "libtpu")}
+
+
 def plugin_present(platform: str) -> bool:
-  module = "jax_cuda12_plugin" if platform == "cuda" else "libtpu"
-  return importlib.util.find_spec(module) is not None
+  return importlib.util.find_spec(_PLUGIN[platform][0]) is not None
+
+
+def require_plugin(target: Target, flag: str) -> None:
+  """A UsageError naming what to install when `target`'s plugin is missing."""
+  if not plugin_present(target.platform):
+    raise UsageError(f"--{flag}={target.name} needs {_PLUGIN[target.platform][1]}: {INSTALL}")
 
 
 def prepare_process() -> None:
@@ -93,14 +102,13 @@ def prepare_process() -> None:
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")  # the topology is given apart
   jax.config.update("jax_platforms", "cpu")
+  native_logs.start_backends()
 
 
 def devices(target: Target) -> list:
   """Devices of the target to compile for, from a topology description (no hardware needed)."""
   from jax.experimental import topologies
-  if not plugin_present(target.platform):
-    what = "jax-cuda12-plugin" if target.platform == "cuda" else "libtpu"
-    raise UsageError(f"--target={target.name} needs {what}: {INSTALL}")
+  require_plugin(target, "target")
   with native_logs.silenced():  # the plugins' start-up log lines about absent hardware
     return _topology_devices(target, topologies)
 

@@ -3,7 +3,6 @@ normalisation as shifted slices with its gradient written out, max pooling whose
 the window offsets out (its input written out first), dense layers with few rows by
 `layers.Dense`, the cross-entropy of `softmax`, and Eigen for the library kernels."""
 
-import dataclasses
 import functools
 
 import flax.linen as nn
@@ -62,9 +61,7 @@ def _lrn_bwd(size, bias, alpha, beta, residuals, g):
 _local_response_norm.defvjp(_lrn_fwd, _lrn_bwd)
 
 
-@dataclasses.dataclass(frozen=True)
-class Options:
-  winograd: bool = True  # 3x3 stride-1 convolutions by Winograd's algorithm where it pays
+Options = layers.ConvOptions
 
 
 class AlexNet(nn.Module):

@@ -7,6 +7,7 @@ docstrings say what the flax form compiles to and what it costs there (ResNet-50
 unless they name another model).
 """
 
+import dataclasses
 import functools
 
 import flax.linen as nn
@@ -35,6 +36,12 @@ def ynnpack(*kinds: str) -> dict:
 EIGEN_CONVOLUTIONS = ynnpack("dot", "reduce")
 # Nothing to YNNPACK: AlexNet's and VGG's inference steps ran 1.07-1.28x faster.
 EIGEN_ONLY = ynnpack()
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvOptions:
+  """The options of a tuned convolutional network, set with --override."""
+  winograd: bool = True  # 3x3 stride-1 convolutions by Winograd's algorithm where it pays
 
 # XLA's tree reduction rewriter splits a long reduction into a reduce-window of 32 and a
 # reduction of its results, for a pairwise sum's accuracy; on CPU the reduce-window ran at

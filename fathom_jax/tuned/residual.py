@@ -17,8 +17,7 @@ from fathom_jax.workloads import base, residual, vision
 
 
 @dataclasses.dataclass(frozen=True)
-class Options:
-  winograd: bool = True  # 3x3 stride-1 convolutions by Winograd's algorithm where it pays
+class Options(layers.ConvOptions):
   # The stages (0-3) whose activations the train step stores CHWN, not NHWC, so that each 1x1
   # kernel gradient contracts two operands contiguous along the pixels (same parameters and
   # arithmetic; inference keeps NHWC, whose products ran faster).

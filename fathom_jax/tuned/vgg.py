@@ -2,8 +2,6 @@
 where it pays), max pooling whose gradient writes the window offsets out, dense layers with few
 rows by `layers.Dense`, the cross-entropy of `softmax`, and Eigen for the library kernels."""
 
-import dataclasses
-
 import flax.linen as nn
 import jax.numpy as jnp
 
@@ -11,9 +9,7 @@ from fathom_jax.tuned import layers, softmax
 from fathom_jax.workloads import base, vgg, vision
 
 
-@dataclasses.dataclass(frozen=True)
-class Options:
-  winograd: bool = True  # 3x3 stride-1 convolutions by Winograd's algorithm where it pays
+Options = layers.ConvOptions
 
 
 class VGG(nn.Module):
