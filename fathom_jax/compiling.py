@@ -14,14 +14,19 @@ import jax
 ONE_SHOT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
 
 
-def run_once(fn: Callable, *args, platform: Optional[str] = None, out_shardings=None):
-  """fn(*args), jitted and compiled as a one-shot program for `platform` (default: JAX's default
-  backend). Static arguments are bound into `fn` (functools.partial) by the caller."""
+def compile_once(fn: Callable, *args, platform: Optional[str] = None, out_shardings=None):
+  """fn jitted and compiled for `args` as a one-shot program for `platform` (default: JAX's
+  default backend): the executable, to call with arguments like `args`. Static arguments are
+  bound into `fn` (functools.partial) by the caller."""
   platform = platform or jax.default_backend()
   jitted = jax.jit(fn) if out_shardings is None else jax.jit(fn, out_shardings=out_shardings)
   options = ONE_SHOT_COMPILER_OPTIONS.get(platform)
-  compiled = jitted.lower(*args).compile(**({"compiler_options": options} if options else {}))
-  return compiled(*args)
+  return jitted.lower(*args).compile(**({"compiler_options": options} if options else {}))
+
+
+def run_once(fn: Callable, *args, platform: Optional[str] = None, out_shardings=None):
+  """fn(*args), compiled as a one-shot program (compile_once) and run."""
+  return compile_once(fn, *args, platform=platform, out_shardings=out_shardings)(*args)
 
 
 def combined(*options: dict) -> dict:

@@ -31,14 +31,14 @@ def _loss_grads_and_outputs(model, variables, batch, rng):
   return loss, grads, model_steps.make_infer_step(model)(variables, batch, rng)
 
 
-def _as_runs_compile_it(fn, *args):
-  """fn(*args) compiled at XLA's default backend optimisation, as runs compile it (the suite
-  compiles at the lowest level). The tolerances below are the float32 rounding of those programs:
-  at the lowest level the rounding differs, and ResNet's batch norm amplifies it until the same
-  reference program's gradients move by 1.3e-2."""
-  compiled = jax.jit(fn).lower(*args).compile(
-      compiler_options={"xla_backend_optimization_level": 3})
-  return compiled(*args)
+def _compiled_for_comparison(name, fn, *args):
+  """fn(*args) compiled as the suite compiles (XLA's lowest backend optimisation level), except
+  ResNet-50's, compiled at the default level as runs compile it: at the lowest level the float32
+  rounding differs, and its batch norm over few samples amplifies that until the same reference
+  program's gradients move by 1.3e-2 (the other workloads agree at either level)."""
+  options = {"xla_backend_optimization_level": 3} if name == "residual" else {}
+  return jax.jit(fn).lower(*args).compile(**({"compiler_options": options} if options else {}))(
+      *args)
 
 
 def _structure(tree):
@@ -61,10 +61,9 @@ def test_reference_and_tuned_compute_the_same(name):
       _structure(jax.eval_shape(reference.init, key, batch))
   variables = checks.init_variables(reference, key, batch)
   rng = jax.random.key(2)
-  want = _as_runs_compile_it(functools.partial(_loss_grads_and_outputs, reference), variables,
-                             batch, rng)
-  got = _as_runs_compile_it(functools.partial(_loss_grads_and_outputs, tuned_model), variables,
-                            batch, rng)
+  want, got = (_compiled_for_comparison(name, functools.partial(_loss_grads_and_outputs, model),
+                                        variables, batch, rng)
+               for model in (reference, tuned_model))
   (loss, grads, outputs), (want_loss, want_grads, want_outputs) = got, want
   np.testing.assert_allclose(loss, want_loss, rtol=5e-5)
   assert _structure(grads) == _structure(want_grads)

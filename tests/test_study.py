@@ -20,13 +20,13 @@ SETTINGS = study.Settings(
     workloads=("memnet", "autoenc"), preset="tiny", steps=3, warmup_steps=1,
     fusion_workloads=("memnet",), thread_workloads=("memnet",), thread_counts=(1, 2),
     device_workloads=("memnet",), device_counts=(1, 2), device_batch={"memnet": 8},
-    implementation_workloads=("memnet",))
+    implementation="tuned", implementation_workloads=("memnet",))
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
   """A study run to the end: 4 suite runs, memnet unfused and eager, at 1 and 2 CPUs, on 1 and
-  2 devices, and as reference and tuned."""
+  2 devices, and as reference (as tuned is the suite's own train run)."""
   folder = str(tmp_path_factory.mktemp("study"))
   lines = []
   outcomes = study.execute(folder, SETTINGS, ["--test"], say=lines.append)
@@ -57,7 +57,9 @@ def test_every_point_completes_and_the_report_has_every_section(finished):
   assert "jax 0." in text and "python -m fathom_jax.study --test" in text
   assert text.count("`python run.py --workload=") == 12
   assert text.count("--quiet --execution=compiled --implementation=reference`") == 1
-  assert text.count("--quiet --execution=compiled --implementation=tuned`") == 1
+  # The suite's 4 runs, and the tuned point that reads the suite's train run.
+  assert text.count("--quiet --execution=compiled --implementation=tuned`") == 5
+  assert len(os.listdir(os.path.join(folder, study.RUNS_DIR))) == 12  # 11 runs and the peaks
   suite = _csv(folder, "suite.csv")
   assert {(r["workload"], r["mode"]) for r in suite} == {
       (w, m) for w in ("memnet", "autoenc") for m in ("train", "infer")}
@@ -163,16 +165,29 @@ def test_an_interrupted_study_resumes_and_redoes_only_unfinished_runs(finished, 
   record["status"] = "interrupted"
   with open(os.path.join(run_dir, "result.json"), "w") as f:
     json.dump(record, f)
-  before = {p.id: study.point_outcome(study.point_dir(folder, p.id)) for p in study.plan(SETTINGS)}
+  measuring = study.measuring_points(SETTINGS)
+  before = {p: study.point_outcome(study.point_dir(folder, measuring[p])) for p in measuring}
   lines = []
   outcomes = study.execute(folder, SETTINGS, ["--test"], say=lines.append)
-  redone = [l.split()[1].rstrip(":") for l in lines if " earlier, kept" not in l
-            and l.startswith("[")]
+  redone = [l.split()[1].rstrip(":") for l in lines if l.startswith("[")
+            and " earlier, kept" not in l and ", the run of " not in l]
   assert sorted(redone) == ["suite-autoenc-infer", "threads-memnet-train-cpus2"]
   assert all(o["status"] == "completed" for o in outcomes.values())
   for point_id, outcome in outcomes.items():
     if point_id not in redone:
       assert outcome["run_dir"] == before[point_id]["run_dir"]
+
+
+def test_points_with_the_same_command_share_one_run(finished):
+  measuring = study.measuring_points(SETTINGS)
+  assert {p: m for p, m in measuring.items() if p != m} == {
+      "implementation-memnet-train-tuned": "suite-memnet-train"}
+  # Named apart, the implementations are different commands: every point runs.
+  apart = study.Settings(**{**SETTINGS.__dict__, "implementation": None})
+  assert all(p == m for p, m in study.measuring_points(apart).items())
+  runs = {r.point.id: r for r in report.load(finished[0])[1]}
+  assert runs["implementation-memnet-train-tuned"].run_dir == runs["suite-memnet-train"].run_dir
+  assert not os.path.exists(study.point_dir(finished[0], "implementation-memnet-train-tuned"))
 
 
 def test_a_study_folder_refuses_other_settings(finished):

@@ -1,6 +1,7 @@
 """Checks every workload must pass, shared by the per-workload test modules."""
 
 import functools
+import weakref
 
 import jax
 import numpy as np
@@ -33,21 +34,38 @@ def parameter_count(name: str, preset: str = "paper", **changes) -> int:
   return model_steps.count_parameters(model)
 
 
+# model -> {(kind, argument types): executable}; a program lives as long as its model.
+_ONE_SHOT_PROGRAMS = weakref.WeakKeyDictionary()
+
+
+def _run_once(kind: str, model, fn, *args):
+  """fn(*args) run as compiling.run_once runs it, the executable kept while the model lives:
+  tests make a model's batches and states from several seeds, and a program loaded back from
+  the persistent cache costs a quarter of its compile."""
+  leaves, structure = jax.tree.flatten(args)
+  programs = _ONE_SHOT_PROGRAMS.setdefault(model, {})
+  key = (kind, structure, tuple(jax.typeof(x) for x in leaves))
+  if key not in programs:
+    programs[key] = compiling.compile_once(fn, *args)
+  return programs[key](*args)
+
+
 def synthetic_batch(model, seed: int, batch_size: int):
   """The model's synthetic batch, made as the runner makes it: one program, compiled to run once
   (op by op, each random op would compile on its own)."""
-  return compiling.run_once(lambda key: model.synthetic_batch(key, batch_size),
-                            jax.random.key(seed))
+  return _run_once(("batch", batch_size), model,
+                   lambda key: model.synthetic_batch(key, batch_size), jax.random.key(seed))
 
 
 def init_train_state(model, rng, batch):
   """The initial train state, made as the runner makes it."""
-  return compiling.run_once(functools.partial(model_steps.init_train_state, model), rng, batch)
+  return _run_once("train state", model,
+                   functools.partial(model_steps.init_train_state, model), rng, batch)
 
 
 def init_variables(model, rng, batch):
   """The model's variables (inference), made as the runner makes them."""
-  return compiling.run_once(model.init, rng, batch)
+  return _run_once("variables", model, model.init, rng, batch)
 
 
 def train_losses(model, batch_size: int, steps: int, seed: int = 0, jit: bool = True):

@@ -114,6 +114,14 @@ def plan(settings: Settings) -> list[Point]:
   return points
 
 
+def measuring_points(settings: Settings) -> dict[str, str]:
+  """{point id: id of the point whose run measures it}. Points with the same command share one
+  run (the implementation comparison's run of the suite's own implementation is the suite's
+  train run): the first in plan order measures, the others read its run."""
+  first: dict[tuple, str] = {}
+  return {p.id: first.setdefault(tuple(p.arguments(settings)), p.id) for p in plan(settings)}
+
+
 def doublings(available: int) -> tuple[int, ...]:
   """1, 2, 4, ... up to `available` (CPUs this process may use, devices it has), and that count
   itself: the default points of a scaling series."""
@@ -248,8 +256,14 @@ def execute(output_dir: str, settings: Settings, argv: Sequence[str], timeout_s:
       "points": {p.id: shown(p.arguments(settings)) for p in points},
   })
   run_peaks(output_dir, settings)
+  measuring = measuring_points(settings)
   outcomes = {}
   for i, point in enumerate(points):
+    if measuring[point.id] != point.id:
+      outcomes[point.id] = outcome = outcomes[measuring[point.id]]
+      say(f"[{i + 1}/{len(points)}] {point.id}: {outcome['status']}, the run of "
+          f"{measuring[point.id]}")
+      continue
     outcome = point_outcome(point_dir(output_dir, point.id))
     if outcome is not None:
       say(f"[{i + 1}/{len(points)}] {point.id}: {outcome['status']} earlier, kept")

@@ -86,6 +86,14 @@ def _implementation_workloads(suite: list[str]) -> tuple[str, ...]:
   return tuple(w for w in suite if w in tuned.TUNED)
 
 
+def _implementation() -> str:
+  """Every run's implementation, named in its command: run.py's default where the runs are."""
+  from fathom_jax import tuned
+  if FLAGS.implementation:
+    return FLAGS.implementation
+  return tuned.default("cpu") if _runs_on_cpu() else "reference"
+
+
 def _default_device_counts() -> tuple[int, ...]:
   """1, 2, 4, 8 CPU devices (the host split by --cpu_devices); on an accelerator, powers of two
   up to the devices it has, counted in a process of their own (a TPU is held by one process)."""
@@ -132,7 +140,7 @@ def settings_from_flags() -> study.Settings:
   return study.Settings(
       workloads=tuple(suite), preset=FLAGS.preset, steps=FLAGS.steps,
       warmup_steps=FLAGS.warmup_steps, backend=FLAGS.backend,
-      implementation=FLAGS.implementation,
+      implementation=_implementation(),
       fusion_workloads=_subset(FLAGS.fusion_workloads, suite, "fusion_workloads"),
       thread_workloads=_subset(FLAGS.thread_workloads, suite, "thread_workloads"),
       thread_counts=threads, device_workloads=device_workloads, device_counts=devices,

@@ -76,8 +76,9 @@ def load(study_dir: str) -> tuple[dict, list[Run], Optional[dict]]:
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise DataError(f"{path}: not a readable study file ({type(e).__name__})") from None
   runs = []
+  measuring = study.measuring_points(settings)
   for point in study.plan(settings):
-    outcome = study.point_outcome(study.point_dir(study_dir, point.id))
+    outcome = study.point_outcome(study.point_dir(study_dir, measuring[point.id]))
     run = Run(point, "missing", command=meta.get("points", {}).get(point.id, ""))
     if outcome is not None:
       run.status, run.error = outcome["status"], outcome.get("error")
