@@ -30,6 +30,9 @@ flags.DEFINE_bool("profile", False,
                   "After the measured steps, run as many again under the JAX profiler: trace, "
                   "HLO and op breakdown (ops.csv, breakdown.json, breakdown.png) in the run "
                   "folder; `tensorboard --logdir <output_dir>` opens the traces.")
+flags.DEFINE_string("component_depth", "layer",
+                    "With --profile: the breakdown's model components, by the first N names of "
+                    "their op_name path: model, block, layer, full or N.")
 flags.DEFINE_bool("allow_nonfinite", False,
                   "Keep running past a NaN or infinite loss (default: stop the run, record it as "
                   "failed, exit 1).")
@@ -129,7 +132,7 @@ def specs_from_flags() -> list:
           backend=FLAGS.backend, num_devices=FLAGS.num_devices,
           allow_nonfinite=FLAGS.allow_nonfinite, profile=FLAGS.profile, quiet=FLAGS.quiet,
           execution=FLAGS.execution, bad_samples=FLAGS.bad_samples,
-          implementation=FLAGS.implementation)
+          implementation=FLAGS.implementation, component_depth=FLAGS.component_depth)
       for name in registry.expand(FLAGS.workload) for mode in modes
   ]
 

@@ -54,7 +54,8 @@ def save_programs(run_dir: str, lowered, compiled) -> dict[str, str]:
 def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[], Any],
             run: Callable[[Any], Any], programs: Optional[tuple[Any, Any]],
             unprofiled_times: list[float],
-            say: Callable[[str], None], title: str = "") -> dict:
+            say: Callable[[str], None], title: str = "",
+            component_depth: str = "layer") -> dict:
   """Runs `steps` steps under the profiler and analyses the trace.
 
   prepare() -> inputs of one step (not timed, outside the step annotation);
@@ -64,7 +65,7 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
   Without a run folder (other hosts of a multi-host run) the trace goes to a temporary folder
   and is discarded: every process must still run the steps.
   """
-  from fathom_jax.analysis import breakdown
+  from fathom_jax.analysis import breakdown, components
 
   keep = run_dir is not None
   trace_dir = run_dir if keep else tempfile.mkdtemp(prefix="fathom-profile-")
@@ -109,7 +110,8 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
     return summary
   hlo_files = sorted(glob.glob(os.path.join(run_dir, HLO_DIR, "*.optimized.hlo.txt")))
   try:
-    result, paths = breakdown.run(run_dir, run_dir, hlo_files, title)
+    result, paths = breakdown.run(run_dir, run_dir, hlo_files, title,
+                                  component_depth=components.depth_of(component_depth))
   except DataError as e:
     print(f"no op breakdown: {e}\n{overhead}", flush=True)
     return {**summary, "error": str(e)}

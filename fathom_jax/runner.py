@@ -49,6 +49,7 @@ class RunSpec:
   bad_samples: str = "fail"  # a damaged sample in a real dataset: 'fail', or 'skip' and count it
   quiet: bool = False  # no progress lines
   implementation: Optional[str] = None  # 'reference' or 'tuned'; default: tuned.default(platform)
+  component_depth: str = "layer"  # the breakdown's model components (analysis.components)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,6 +77,11 @@ def resolve(spec: RunSpec, platform: Optional[str] = None) -> Resolved:
   if spec.execution not in compiling.EXECUTIONS:
     raise UsageError(f"unknown execution {spec.execution!r}; executions are: "
                      f"{', '.join(compiling.EXECUTIONS)}")
+  from fathom_jax.analysis import components
+  try:
+    components.depth_of(spec.component_depth)
+  except ValueError as e:
+    raise UsageError(f"--component_depth: {e}") from None
   if spec.bad_samples not in data_lib.BAD_SAMPLES:
     raise UsageError(f"unknown bad_samples {spec.bad_samples!r}; choices are: "
                      f"{', '.join(data_lib.BAD_SAMPLES)}")
@@ -389,7 +395,8 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
     programs = None if spec.execution == "eager" else (lowered, compiled)
     figures["profile"] = profiling.capture(
         run_dir, spec.mode, spec.steps, prepare, run, programs, figures["step_times_s"],
-        say, f"{spec.workload} {spec.mode} ({spec.preset})")
+        say, f"{spec.workload} {spec.mode} ({spec.preset})",
+        component_depth=spec.component_depth)
   figures["peak_device_memory_bytes"] = _peak_device_memory(device)
 
 

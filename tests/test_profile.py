@@ -1,5 +1,6 @@
 """A profiled run end to end: trace, HLO, analyses and the op breakdown in the run folder."""
 
+import collections
 import csv
 import glob
 import json
@@ -46,7 +47,8 @@ def test_run_folder_layout(profiled):
   assert analysis["memory_analysis"]["temp_size_in_bytes"] >= 0
   assert open(os.path.join(hlo_dir, "jit_train_step.optimized.hlo.txt")).read().startswith(
       "HloModule jit_train_step")
-  for name in (breakdown.OPS_FILE, breakdown.BREAKDOWN_FILE, breakdown.FIGURE_FILE):
+  for name in (breakdown.OPS_FILE, breakdown.COMPONENT_FILE, breakdown.BREAKDOWN_FILE,
+               breakdown.FIGURE_FILE):
     assert os.path.getsize(os.path.join(run_dir, name)) > 0
   # The result file is the one written at the end, with the breakdown's summary in it.
   summary = json.load(open(os.path.join(run_dir, breakdown.BREAKDOWN_FILE)))
@@ -104,6 +106,56 @@ def test_ops_table(profiled):
   executed = sum(float(r["flops"]) * int(r["occurrences"]) for r in step) / steps
   assert executed == pytest.approx(summary["flops_per_step_executed"], rel=1e-9)
   assert executed == pytest.approx(summary["model_flops_per_step"], rel=1e-3)
+
+
+def test_time_by_model_component(profiled):
+  _, run_dir = profiled
+  summary = json.load(open(os.path.join(run_dir, breakdown.BREAKDOWN_FILE)))
+  parts = summary["by_component"]
+  assert summary["component_depth"] == 3  # the run's default: layer
+  # Components share out the covered time, and each splits into the classes it holds.
+  assert sum(v["share_of_step"] for v in parts.values()) == pytest.approx(summary["coverage"])
+  for v in parts.values():
+    assert sum(v["by_class_s"].values()) == pytest.approx(v["time_per_step_s"], rel=1e-9)
+  by_pass = collections.Counter()
+  for v in parts.values():
+    by_pass[v["pass"]] += v["time_per_step_s"]
+  # MemN2N's forward and backward passes, and Adam's update under its scope (no pass).
+  assert by_pass["forward"] > 0 and by_pass["backward"] > 0
+  optimizer = [v for v in parts.values() if v["component"] == "fathom.optimization"]
+  assert optimizer and optimizer[0]["pass"] == "" and optimizer[0]["by_class_s"] == {
+      categories.OPTIMIZATION: pytest.approx(optimizer[0]["time_per_step_s"])}
+  assert any(v["component"].startswith("MemN2N") for v in parts.values())
+  # FLOPs per step by component add up to the executed ops' count.
+  assert sum(v["flops_per_step"] for v in parts.values()) == pytest.approx(
+      summary["flops_per_step_executed"], rel=1e-6)
+  rows = list(csv.DictReader(open(os.path.join(run_dir, breakdown.COMPONENT_FILE))))
+  assert [(r["component"], r["pass"]) for r in rows] == [
+      (v["component"], v["pass"]) for v in parts.values()]
+  # ops.csv keeps each op's whole paths, from which any depth can be summed again.
+  ops = list(csv.DictReader(open(os.path.join(run_dir, breakdown.OPS_FILE))))
+  assert all(r["components"] for r in ops)
+
+
+def test_breakdown_command_at_another_depth(profiled, tmp_path):
+  from fathom_jax.analysis import __main__ as command
+  _, run_dir = profiled
+  assert command.main(["breakdown", run_dir, f"--output_dir={tmp_path}",
+                       "--component_depth=model"]) == 0
+  summary = json.load(open(tmp_path / breakdown.BREAKDOWN_FILE))
+  assert summary["component_depth"] == 1
+  assert all("/" not in v["component"] for v in summary["by_component"].values())
+
+
+@pytest.mark.parametrize("flag", ["--component_depth=0", "--component_depth=deep"])
+def test_bad_component_depth_is_one_line(flag, tmp_path, forked_cli):
+  proc = forked_cli.run("-m", "fathom_jax.analysis", "breakdown", str(tmp_path), flag)
+  assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+  assert "component depth must be one of" in proc.stderr
+  proc = forked_cli.run(os.path.join(ROOT, "run.py"), "--workload=memnet", "--preset=tiny",
+                        "--profile", flag, f"--output_dir={tmp_path}")
+  assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+  assert "component depth must be one of" in proc.stderr and os.listdir(tmp_path) == []
 
 
 def test_breakdown_command_reproduces_the_run(profiled, tmp_path, capsys):

@@ -1,7 +1,7 @@
 """python -m fathom_jax.analysis breakdown <trace_dir> [--output_dir=DIR] [--hlo=FILE ...]
 
-Op breakdown of any trace `jax.profiler.trace` wrote: ops.csv, breakdown.json, breakdown.png and a
-printed table. Steps come from step annotations (jax.profiler.StepTraceAnnotation) where present,
+Op breakdown of any trace `jax.profiler.trace` wrote: ops.csv, component.csv, breakdown.json,
+breakdown.png and a printed table. Steps come from step annotations (jax.profiler.StepTraceAnnotation) where present,
 from program executions otherwise; an annotated step that took more than 1.5x the median is left
 out as stalled (listed in breakdown.json; --all_steps keeps it). The HLO is the one the trace
 embeds; HLO text files beside the trace (*.optimized.hlo.txt, or XLA's *after_optimizations.txt
@@ -44,16 +44,24 @@ def main(argv=None) -> int:
   cmd.add_argument("--title", default="", help="title of the table and figure")
   cmd.add_argument("--all_steps", action="store_true",
                    help="keep steps that took more than 1.5x the median step (left out by default)")
+  cmd.add_argument("--component_depth", default="layer",
+                   help="model components by the first N names of their op_name path: model, "
+                        "block, layer, full or N (default: layer)")
   args = parser.parse_args(argv)
 
-  from fathom_jax.analysis import breakdown
+  from fathom_jax.analysis import breakdown, components
+  try:
+    depth = components.depth_of(args.component_depth)
+  except ValueError as e:
+    parser.error(f"--component_depth: {e}")
   try:
     hlo_files = args.hlo + _hlo_beside(args.trace_dir)
     output_dir = args.output_dir or (args.trace_dir if os.path.isdir(args.trace_dir)
                                      else os.path.dirname(os.path.abspath(args.trace_dir)))
     result, paths = breakdown.run(
         args.trace_dir, output_dir, hlo_files, args.title,
-        stalled_step_factor=None if args.all_steps else breakdown.STALLED_STEP_FACTOR)
+        stalled_step_factor=None if args.all_steps else breakdown.STALLED_STEP_FACTOR,
+        component_depth=depth)
   except UsageError as e:  # DataError included
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -23,11 +23,12 @@ import os
 import statistics
 from typing import Iterable, Optional
 
-from fathom_jax.analysis import categories, cost, hlo, trace, xprof_check
+from fathom_jax.analysis import categories, components, cost, hlo, trace, xprof_check
 from fathom_jax.errors import DataError
 
 CONTAINERS = frozenset({"while", "conditional", "call"})
 OPS_FILE = "ops.csv"
+COMPONENT_FILE = "component.csv"
 BREAKDOWN_FILE = "breakdown.json"
 FIGURE_FILE = "breakdown.png"
 UNMATCHED = "(not in HLO)"
@@ -121,7 +122,8 @@ class Breakdown:
 
 
 def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 15,
-            stalled_step_factor: Optional[float] = STALLED_STEP_FACTOR) -> Breakdown:
+            stalled_step_factor: Optional[float] = STALLED_STEP_FACTOR,
+            component_depth: Optional[int] = components.DEPTHS["layer"]) -> Breakdown:
   steps = [w for t in traces for w in t.steps]
   median_step_ns = statistics.median(w.duration_ns for w in steps) if steps else None
   steps, stalled = split_stalled(steps, stalled_step_factor)
@@ -172,6 +174,7 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
     n_steps = max(1, sum(main_key in w.name.split("+") for w in steps))
 
   rows, by_class, by_category = [], collections.Counter(), collections.Counter()
+  by_component: dict[tuple[str, str], dict] = {}
   unmatched_ns = 0.0
   for (key, name), s in stats.items():
     program = programs.get(key) or next((p for p in programs.values()
@@ -182,6 +185,7 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
       shares, category, raw, opcode = {categories.OTHER: 1.0}, UNMATCHED, UNMATCHED, ""
       flops = transcendentals = nbytes = 0.0
       source_loc = ""
+      parts = {((UNMATCHED,), components.NO_PASS, categories.OTHER): 1.0}
     else:
       shares = categories.class_shares(inst, program.module, program.model)
       category = categories.refined_category(inst, program.module)
@@ -193,9 +197,17 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
         c = cost.Cost()
       flops, transcendentals, nbytes = c.flops, c.transcendentals, c.bytes
       source_loc = inst.source
+      parts = components.shares(inst, program.module, program.model)
     for cls, frac in shares.items():
       by_class[cls] += s.attributed_ns * frac
     by_category[category] += s.attributed_ns
+    for (path, pass_, cls), frac in parts.items():
+      entry = by_component.setdefault((components.name(path, component_depth), pass_), {
+          "ns": 0.0, "flops": 0.0, "bytes": 0.0, "classes": collections.Counter()})
+      entry["ns"] += s.attributed_ns * frac
+      entry["flops"] += flops * s.occurrences * frac
+      entry["bytes"] += nbytes * s.occurrences * frac
+      entry["classes"][cls] += s.attributed_ns * frac
     main_class = max(shares, key=shares.get)
     rows.append({
         "program": key, "name": name, "opcode": opcode, "xla_category": category,
@@ -207,6 +219,7 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
         "mean_time_us": s.busy_ns / 1e3 / max(s.occurrences, 1),
         "flops": flops, "transcendentals": transcendentals, "bytes": nbytes,
         "source": source_loc,
+        "components": _component_column(parts),
     })
   rows.sort(key=lambda r: -r["total_time_us"])
 
@@ -239,10 +252,27 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
       "top_ops": [{k: r[k] for k in ("program", "name", "xla_category", "fathom_class",
                                      "total_time_us", "occurrences", "source")}
                   | {"share_of_step": r["total_time_us"] * 1e3 / wall} for r in rows[:top]],
+      "component_depth": component_depth,
+      "by_component": {
+          f"{comp}|{pass_}": {
+              "component": comp, "pass": pass_, "time_per_step_s": v["ns"] / 1e9 / n_steps,
+              "share_of_step": v["ns"] / wall, "flops_per_step": v["flops"] / n_steps,
+              "bytes_per_step": v["bytes"] / n_steps,
+              "by_class_s": {c: t / 1e9 / n_steps for c, t in v["classes"].most_common()}}
+          for (comp, pass_), v in sorted(by_component.items(), key=lambda kv: -kv[1]["ns"])},
+      "component_rule": components.__doc__.strip().replace("\n", " "),
       "cost_rule": categories.COST_RULE,
       "attribution_rule": __doc__.split("Time attribution.")[1].strip().replace("\n", " "),
   }
   return Breakdown(rows, summary)
+
+
+def _component_column(parts: dict) -> str:
+  """An op's shares by whole component path and pass ('path|pass=fraction;...'), for ops.csv."""
+  merged = collections.Counter()
+  for (path, pass_, _), frac in parts.items():
+    merged[f"{components.name(path, None)}|{pass_}"] += frac
+  return ";".join(f"{key}={frac:.3f}" for key, frac in merged.most_common())
 
 
 def _merge(windows: list[trace.Window]) -> list[trace.Window]:
@@ -263,7 +293,9 @@ def _merge(windows: list[trace.Window]) -> list[trace.Window]:
 
 CSV_FIELDS = ("program", "name", "opcode", "xla_category", "xla_category_raw", "fathom_class",
               "class_shares", "occurrences", "total_time_us", "busy_time_us", "mean_time_us",
-              "flops", "transcendentals", "bytes", "source")
+              "flops", "transcendentals", "bytes", "source", "components")
+COMPONENT_FIELDS = ("component", "pass", "time_per_step_ms", "share_of_step", "flops_per_step",
+                    "bytes_per_step", "classes")
 
 
 def write(result: Breakdown, output_dir: str, title: str = "") -> dict[str, str]:
@@ -275,6 +307,16 @@ def write(result: Breakdown, output_dir: str, title: str = "") -> dict[str, str]
     writer.writeheader()
     for row in result.ops:
       writer.writerow(row)
+  with open(os.path.join(output_dir, COMPONENT_FILE), "w", newline="") as f:
+    writer = csv.DictWriter(f, fieldnames=COMPONENT_FIELDS)
+    writer.writeheader()
+    for v in result.summary["by_component"].values():
+      writer.writerow({
+          "component": v["component"], "pass": v["pass"],
+          "time_per_step_ms": v["time_per_step_s"] * 1e3, "share_of_step": v["share_of_step"],
+          "flops_per_step": v["flops_per_step"], "bytes_per_step": v["bytes_per_step"],
+          "classes": ";".join(f"{c}={t * 1e3:.6g}" for c, t in v["by_class_s"].items())})
+  paths[COMPONENT_FILE] = os.path.join(output_dir, COMPONENT_FILE)
   with open(paths[BREAKDOWN_FILE], "w") as f:
     json.dump(result.summary, f, indent=2)
     f.write("\n")
@@ -282,7 +324,7 @@ def write(result: Breakdown, output_dir: str, title: str = "") -> dict[str, str]
   return paths
 
 
-def format_table(summary: dict, title: str = "") -> str:
+def format_table(summary: dict, title: str = "", top_components: int = 10) -> str:
   stalled = summary.get("stalled_steps_left_out") or []
   left_out = (f"; {len(stalled)} stalled step{'s' * (len(stalled) > 1)} left out ("
               + ", ".join(f"{w['time_s'] * 1e3:,.1f}" for w in stalled)
@@ -299,6 +341,15 @@ def format_table(summary: dict, title: str = "") -> str:
     lines.append(f"  {'(not covered by ops)':<28s} "
                  f"{(1 - summary['coverage']) * summary['step_time_s'] * 1e3:10.3f} "
                  f"{(1 - summary['coverage']) * 100:9.1f}%")
+  shown = list(summary.get("by_component", {}).values())[:top_components]
+  if shown:
+    depth = summary.get("component_depth")
+    lines.append(f"  {'component (depth ' + str(depth or 'full') + ')':<44s} {'pass':<9s} "
+                 f"{'ms/step':>10s} {'% of step':>10s}")
+    for v in shown:
+      label = v["component"] if len(v["component"]) <= 44 else "..." + v["component"][-41:]
+      lines.append(f"  {label:<44s} {v['pass'] or '-':<9s} {v['time_per_step_s'] * 1e3:10.3f} "
+                   f"{v['share_of_step'] * 100:9.1f}%")
   return "\n".join(lines)
 
 
@@ -336,7 +387,8 @@ def plot(summary: dict, path: str, title: str = "") -> None:
 
 
 def run(trace_dir: str, output_dir: Optional[str] = None, hlo_files: Iterable[str] = (),
-        title: str = "", stalled_step_factor: Optional[float] = STALLED_STEP_FACTOR
+        title: str = "", stalled_step_factor: Optional[float] = STALLED_STEP_FACTOR,
+        component_depth: Optional[int] = components.DEPTHS["layer"]
         ) -> tuple[Breakdown, dict[str, str]]:
   """The whole pipeline on a trace folder: read, join, attribute, write."""
   traces = trace.read_all(trace_dir)
@@ -344,7 +396,8 @@ def run(trace_dir: str, output_dir: Optional[str] = None, hlo_files: Iterable[st
   if not programs:
     raise DataError(f"{trace_dir}: the trace embeds no HLO and no HLO text files were found "
                     "beside it (dump them with XLA_FLAGS=--xla_dump_to=<trace_dir>)")
-  result = analyse(traces, programs, stalled_step_factor=stalled_step_factor)
+  result = analyse(traces, programs, stalled_step_factor=stalled_step_factor,
+                   component_depth=component_depth)
   try:
     rows = xprof_check.hlo_stats([t.path for t in traces])
   except Exception as e:  # a cross-check only: never the reason a breakdown fails

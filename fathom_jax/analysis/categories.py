@@ -126,6 +126,11 @@ def _body_work(module: hlo.Module, computation: str) -> list[hlo.Instruction]:
   return out
 
 
+def body_work(module: hlo.Module, fusion: hlo.Instruction) -> list[hlo.Instruction]:
+  """The instructions with work in the body of `fusion`, nested fusions expanded."""
+  return [i for c in fusion.called for i in _body_work(module, c)]
+
+
 def refined_category(inst: hlo.Instruction, module: hlo.Module) -> str:
   """XLA's category, refined by what a fusion's body holds."""
   library = library_kind(inst)
@@ -133,7 +138,7 @@ def refined_category(inst: hlo.Instruction, module: hlo.Module) -> str:
     return library
   if inst.opcode != "fusion":
     return xla_category(inst)
-  body = [i for c in inst.called for i in _body_work(module, c)]
+  body = body_work(module, inst)
   if any((i.opcode == "convolution" and not is_matrix_product(i))
          or library_kind(i) == "convolution" for i in body):
     return "convolution fusion"
@@ -192,7 +197,7 @@ def class_shares(inst: hlo.Instruction, module: hlo.Module,
   if inst.opcode != "fusion":
     return {fathom_class(inst): 1.0}
   weights: dict[str, float] = {}
-  for body_inst in (i for c in inst.called for i in _body_work(module, c)):
+  for body_inst in body_work(module, inst):
     w = work(body_inst, model)
     if w > 0:
       cls = fathom_class(body_inst)
