@@ -55,7 +55,7 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
             run: Callable[[Any], Any], programs: Optional[tuple[Any, Any]],
             unprofiled_times: list[float],
             say: Callable[[str], None], title: str = "",
-            component_depth: str = "layer") -> dict:
+            component_depth: str = "layer", phase_tokens: Optional[dict] = None) -> dict:
   """Runs `steps` steps under the profiler and analyses the trace.
 
   prepare() -> inputs of one step (not timed, outside the step annotation);
@@ -124,6 +124,43 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
       class_shares={k: v["share_of_step"] for k, v in s["by_class"].items()},
       xla_category_shares={k: v["share_of_step"] for k, v in s["by_xla_category"].items()},
       files={k: os.path.relpath(v, run_dir) for k, v in paths.items()})
+  phase_lines = ""
+  if phase_tokens:
+    summary["phases"] = phases(s, phase_tokens)
+    phase_lines = "\n" + format_phases(summary["phases"])
   # A summary, so printed even when quiet.
-  print(breakdown.format_table(s, title) + "\n" + overhead, flush=True)
+  print(breakdown.format_table(s, title) + phase_lines + "\n" + overhead, flush=True)
   return summary
+
+
+def phases(breakdown_summary: dict, tokens_per_step: dict) -> dict:
+  """Time, work and bytes moved per step and per token of each phase of a step: the outermost
+  named scopes `tokens_per_step` names (e.g. a language model's prefill and decode), from the
+  breakdown's ops under the profiler. Bytes over time is the bandwidth the phase drew."""
+  out = {}
+  for name, tokens in tokens_per_step.items():
+    v = breakdown_summary["by_scope"].get(name)
+    if v is None:
+      continue
+    t = v["time_per_step_s"]
+    out[name] = {
+        "tokens_per_step": tokens, "time_per_step_s": t, "share_of_step": v["share_of_step"],
+        "time_per_token_s": t / tokens, "tokens_per_s": tokens / t if t > 0 else None,
+        "flops_per_step": v["flops_per_step"], "bytes_per_step": v["bytes_per_step"],
+        "bytes_per_token": v["bytes_per_step"] / tokens,
+        "flops_per_byte": v["flops_per_step"] / v["bytes_per_step"] if v["bytes_per_step"]
+        else None,
+        "bytes_per_s": v["bytes_per_step"] / t if t > 0 else None,
+        "by_class_s": v["by_class_s"]}
+  return out
+
+
+def format_phases(table: dict) -> str:
+  lines = [f"  {'phase':<12s} {'ms/step':>9s} {'tokens':>7s} {'us/token':>9s} {'MB/token':>9s} "
+           f"{'FLOP/byte':>9s} {'GB/s':>7s}"]
+  for name, v in table.items():
+    lines.append(
+        f"  {name:<12s} {v['time_per_step_s'] * 1e3:9.3f} {v['tokens_per_step']:7d} "
+        f"{v['time_per_token_s'] * 1e6:9.2f} {v['bytes_per_token'] / 1e6:9.3f} "
+        f"{v['flops_per_byte'] or 0:9.2f} {(v['bytes_per_s'] or 0) / 1e9:7.2f}")
+  return "\n".join(lines)

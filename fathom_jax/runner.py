@@ -234,7 +234,9 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
   if run_dir:
     record["run_dir"] = run_dir
   try:
-    _measure(spec, model, source, batch_size, placement, figures, say, run_dir)
+    phase_tokens = resolved.workload.phase_tokens
+    _measure(spec, model, source, batch_size, placement, figures, say, run_dir,
+             phase_tokens(resolved.config, spec.mode) if phase_tokens else None)
     record["status"] = "completed"
   except RunFailed as e:
     record.update(status="failed", error=str(e))
@@ -273,8 +275,10 @@ def _check_batch(batch, expected, workload: str) -> None:
 
 def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
              placement: placement_lib.Placement,
-             figures: dict, say: Callable, run_dir: Optional[str] = None) -> None:
-  """Compiles the step and times it, filling `figures` as it goes."""
+             figures: dict, say: Callable, run_dir: Optional[str] = None,
+             phases: Optional[dict] = None) -> None:
+  """Compiles the step and times it, filling `figures` as it goes; `phases` are the step's
+  named phases with their tokens per example (Workload.phase_tokens)."""
   train = spec.mode == "train"
   device = placement.mesh.devices.flat[0]
   replicated = placement.replicated
@@ -396,7 +400,8 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
     figures["profile"] = profiling.capture(
         run_dir, spec.mode, spec.steps, prepare, run, programs, figures["step_times_s"],
         say, f"{spec.workload} {spec.mode} ({spec.preset})",
-        component_depth=spec.component_depth)
+        component_depth=spec.component_depth,
+        phase_tokens={name: n * batch_size for name, n in (phases or {}).items()})
   figures["peak_device_memory_bytes"] = _peak_device_memory(device)
 
 

@@ -131,3 +131,26 @@ def test_throughput_is_also_stated_in_tokens():
   figures = results.summarise({"step_times_s": [0.2, 0.1, 0.1], "tokens_per_example": 8}, 4)
   assert figures["tokens_per_s"] == pytest.approx(4 * 8 / 0.1)
   assert figures["time_per_token_s"] == pytest.approx(0.1 / 8)
+
+
+def test_prefill_and_decode_are_timed_and_broken_down_apart(tmp_path):
+  from fathom_jax import runner
+  spec = runner.RunSpec("transformer", mode="infer", preset="tiny", batch_size=2, steps=2,
+                        warmup_steps=1, output_dir=str(tmp_path), quiet=True, profile=True)
+  record = runner.execute(spec)
+  config = transformer.PRESETS["tiny"]
+  profile = record["figures"]["profile"]
+  phases = profile["phases"]
+  assert list(phases) == [transformer.PREFILL, transformer.DECODE]
+  assert phases["prefill"]["tokens_per_step"] == 2 * config.prompt_length
+  assert phases["decode"]["tokens_per_step"] == 2 * config.new_tokens
+  for v in phases.values():
+    assert v["time_per_step_s"] > 0 and v["bytes_per_token"] > 0 and v["flops_per_step"] > 0
+    assert v["time_per_token_s"] == pytest.approx(v["time_per_step_s"] / v["tokens_per_step"])
+    assert sum(v["by_class_s"].values()) == pytest.approx(v["time_per_step_s"])
+  # The phases are parts of the step the ops cover; decoding a token reads the weights again,
+  # where prefill reads them once for the whole prompt: more bytes per token, fewer FLOPs a byte.
+  assert phases["prefill"]["share_of_step"] + phases["decode"]["share_of_step"] <= \
+      profile["coverage"] + 1e-9
+  assert phases["decode"]["bytes_per_token"] > phases["prefill"]["bytes_per_token"]
+  assert phases["decode"]["flops_per_byte"] < phases["prefill"]["flops_per_byte"]

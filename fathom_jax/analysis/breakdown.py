@@ -175,6 +175,7 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
 
   rows, by_class, by_category = [], collections.Counter(), collections.Counter()
   by_component: dict[tuple[str, str], dict] = {}
+  by_scope: dict[tuple[str, str], dict] = {}  # the outermost scope or module, passes together
   unmatched_ns = 0.0
   for (key, name), s in stats.items():
     program = programs.get(key) or next((p for p in programs.values()
@@ -202,12 +203,14 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
       by_class[cls] += s.attributed_ns * frac
     by_category[category] += s.attributed_ns
     for (path, pass_, cls), frac in parts.items():
-      entry = by_component.setdefault((components.name(path, component_depth), pass_), {
-          "ns": 0.0, "flops": 0.0, "bytes": 0.0, "classes": collections.Counter()})
-      entry["ns"] += s.attributed_ns * frac
-      entry["flops"] += flops * s.occurrences * frac
-      entry["bytes"] += nbytes * s.occurrences * frac
-      entry["classes"][cls] += s.attributed_ns * frac
+      for table, key in ((by_component, (components.name(path, component_depth), pass_)),
+                         (by_scope, (components.name(path, 1), ""))):
+        entry = table.setdefault(key, {"ns": 0.0, "flops": 0.0, "bytes": 0.0,
+                                       "classes": collections.Counter()})
+        entry["ns"] += s.attributed_ns * frac
+        entry["flops"] += flops * s.occurrences * frac
+        entry["bytes"] += nbytes * s.occurrences * frac
+        entry["classes"][cls] += s.attributed_ns * frac
     main_class = max(shares, key=shares.get)
     rows.append({
         "program": key, "name": name, "opcode": opcode, "xla_category": category,
@@ -253,18 +256,23 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
                                      "total_time_us", "occurrences", "source")}
                   | {"share_of_step": r["total_time_us"] * 1e3 / wall} for r in rows[:top]],
       "component_depth": component_depth,
-      "by_component": {
-          f"{comp}|{pass_}": {
-              "component": comp, "pass": pass_, "time_per_step_s": v["ns"] / 1e9 / n_steps,
-              "share_of_step": v["ns"] / wall, "flops_per_step": v["flops"] / n_steps,
-              "bytes_per_step": v["bytes"] / n_steps,
-              "by_class_s": {c: t / 1e9 / n_steps for c, t in v["classes"].most_common()}}
-          for (comp, pass_), v in sorted(by_component.items(), key=lambda kv: -kv[1]["ns"])},
+      "by_component": _component_table(by_component, n_steps, wall),
+      "by_scope": {v["component"]: v for v in _component_table(by_scope, n_steps, wall).values()},
       "component_rule": components.__doc__.strip().replace("\n", " "),
       "cost_rule": categories.COST_RULE,
       "attribution_rule": __doc__.split("Time attribution.")[1].strip().replace("\n", " "),
   }
   return Breakdown(rows, summary)
+
+
+def _component_table(table: dict, n_steps: int, wall: float) -> dict:
+  return {
+      f"{comp}|{pass_}": {
+          "component": comp, "pass": pass_, "time_per_step_s": v["ns"] / 1e9 / n_steps,
+          "share_of_step": v["ns"] / wall, "flops_per_step": v["flops"] / n_steps,
+          "bytes_per_step": v["bytes"] / n_steps,
+          "by_class_s": {c: t / 1e9 / n_steps for c, t in v["classes"].most_common()}}
+      for (comp, pass_), v in sorted(table.items(), key=lambda kv: -kv[1]["ns"])}
 
 
 def _component_column(parts: dict) -> str:

@@ -62,6 +62,9 @@ class Workload:
     latest train state (or inference variables), e.g. for an agent acting in an environment.
   tokens_per_example(config, mode) -> int: for a sequence model, the tokens one example of a step
     trains on or generates, so that throughput is also stated in tokens.
+  phase_tokens(config, mode) -> {named scope: tokens per example}: a step whose phases run under
+    named scopes (a language model's prefill and decode), timed and broken down apart in a
+    profiled run, per token.
   large_host_buffers: its paper-size steps allocate and free host buffers of tens to hundreds of
     MB every step, so a CPU run keeps freed memory for reuse (host_memory.py); for small steps
     the one allocator arena that takes costs more than it saves.
@@ -75,4 +78,5 @@ class Workload:
   default_source: Optional[Callable[[Any, Model], Any]] = None
   example_unit: str = "examples"
   tokens_per_example: Optional[Callable[[Any, str], int]] = None
+  phase_tokens: Optional[Callable[[Any, str], dict]] = None
   large_host_buffers: bool = False

@@ -213,4 +213,6 @@ WORKLOAD = base.Workload(
     # prefill is part of the step's time, not of its tokens).
     tokens_per_example=lambda config, mode: (config.context if mode == "train"
                                              else config.new_tokens),
+    phase_tokens=lambda config, mode: ({} if mode == "train" else
+                                       {PREFILL: config.prompt_length, DECODE: config.new_tokens}),
 )
