@@ -154,3 +154,15 @@ def test_prefill_and_decode_are_timed_and_broken_down_apart(tmp_path):
       profile["coverage"] + 1e-9
   assert phases["decode"]["bytes_per_token"] > phases["prefill"]["bytes_per_token"]
   assert phases["decode"]["flops_per_byte"] < phases["prefill"]["flops_per_byte"]
+  # The study's report reads the phases from the run's record, against the machine's peaks.
+  from fathom_jax import study
+  from fathom_jax.study import report
+  run = report.Run(study.Point("suite", "transformer", "infer"), "completed", record=record)
+  peaks = {"matmul_flops_per_s": 1e11, "copy_bytes_per_s": 1e10}  # balance: 10 FLOP/byte
+  rows = report.phase_rows([run], peaks)
+  assert [r["phase"] for r in rows] == ["prefill", "decode"]
+  decode = rows[1]
+  assert decode["bound"] == "memory" and decode["flops_per_byte"] < 10
+  assert decode["share_of_copy_peak"] == pytest.approx(phases["decode"]["bytes_per_s"] / 1e10)
+  assert decode["us_per_token"] == pytest.approx(phases["decode"]["time_per_token_s"] * 1e6)
+  assert 0 < decode["top_class_share"] <= 1

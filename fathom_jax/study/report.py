@@ -160,6 +160,35 @@ def _completed(runs: list[Run], kind: str) -> list[Run]:
 # Sections. Each returns (rows, facts) from runs; plotting is separate.
 
 
+def phase_rows(runs: list[Run], peaks: Optional[dict]) -> list[dict]:
+  """One row per named phase of a suite run's step (a language model's prefill and decode):
+  profiled time per step and per token, bytes moved per token, FLOPs per byte against the
+  machine's balance point (matmul peak over copy bandwidth), the bandwidth drawn, and the
+  class that took the most of the phase."""
+  balance = (peaks["matmul_flops_per_s"] / peaks["copy_bytes_per_s"]) if peaks else None
+  rows = []
+  for r in _completed(runs, "suite"):
+    for phase, v in ((r.record.get("figures", {}).get("profile") or {}).get("phases")
+                     or {}).items():
+      classes = v.get("by_class_s") or {}
+      top = max(classes, key=classes.get) if classes else ""
+      intensity = v.get("flops_per_byte")
+      rows.append({
+          "workload": r.point.workload, "mode": r.point.mode, "phase": phase,
+          "ms_per_step": v["time_per_step_s"] * 1e3, "tokens_per_step": v["tokens_per_step"],
+          "us_per_token": v["time_per_token_s"] * 1e6,
+          "mb_per_token": v["bytes_per_token"] / 1e6, "flops_per_byte": intensity,
+          "gb_per_s": (v["bytes_per_s"] or 0) / 1e9,
+          "share_of_copy_peak": (v["bytes_per_s"] / peaks["copy_bytes_per_s"]
+                                 if peaks and v.get("bytes_per_s") else None),
+          "bound": ("" if balance is None or intensity is None else
+                    "memory" if intensity < balance else "compute"),
+          "top_class": top,
+          "top_class_share": classes[top] / v["time_per_step_s"] if top and
+          v["time_per_step_s"] > 0 else None})
+  return rows
+
+
 def suite_rows(runs: list[Run], peaks: Optional[dict]) -> list[dict]:
   peak = peaks["matmul_flops_per_s"] if peaks else None
   rows = []
@@ -588,6 +617,25 @@ def _train_vs_infer_section(runs: list[Run], out: _Out) -> list[str]:
           markdown_table(rows), ""]
 
 
+def _phase_section(runs: list[Run], peaks: Optional[dict], out: _Out) -> list[str]:
+  rows = phase_rows(runs, peaks)
+  if not rows:
+    return []
+  out.table("phases.csv", rows)
+  balance = (f" (this machine: {peaks['matmul_flops_per_s'] / peaks['copy_bytes_per_s']:.1f} "
+             "FLOP/byte)" if peaks else "")
+  return ["## Phases of a step: prefill and decode", "",
+          "Steps whose phases run under named scopes, timed apart from the profiled step's ops: "
+          "a language model prefills its prompt once, then decodes one token at a time, reading "
+          "the weights and the key/value cache again for every token. A phase whose FLOPs per "
+          f"byte moved fall below the machine's balance point{balance} is bound by memory "
+          "bandwidth; its GB/s are the bandwidth it drew.", "",
+          markdown_table(rows, ["workload", "phase", "ms_per_step", "us_per_token",
+                                "mb_per_token", "flops_per_byte", "gb_per_s",
+                                "share_of_copy_peak", "bound", "top_class", "top_class_share"]),
+          ""]
+
+
 def _similarity_section(runs: list[Run], out: _Out) -> list[str]:
   md = ["## Similarity", "", "Vectors of time per op class (as shares of op time), cosine "
         "similarity, average-linkage clustering (UPGMA) on cosine distance.", ""]
@@ -738,6 +786,7 @@ def build(study_dir: str) -> str:
         f"- reproduce: `{meta.get('command', '')}` (resumes; every run's own command is in "
         "the run list below)", "", f"{done} of {len(runs)} runs completed.", "",
         *_suite_section(runs, peaks, out), *_train_vs_infer_section(runs, out),
+        *_phase_section(runs, peaks, out),
         *_similarity_section(runs, out), *_fusion_section(runs, out),
         *_scaling_sections(runs, out), *_implementation_section(runs, out),
         *_target_section(runs, peaks, out),
