@@ -22,22 +22,39 @@ def new_run_dir(output_dir: str, workload: str, mode: str, preset: str) -> str:
   return path
 
 
-def write_json_atomic(path: str, payload: dict) -> None:
+def write_text_atomic(path: str, text: str) -> None:
   """Writes through a temporary file in the same folder and renames it, so readers never see
   a partial file, whatever happens to this process."""
   folder = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
   try:
     with os.fdopen(fd, "w") as f:
-      json.dump(payload, f, indent=2, sort_keys=False, default=_jsonable)
-      f.write("\n")
+      f.write(text)
       f.flush()
+      os.fchmod(f.fileno(), 0o666 & ~_umask())  # as open() would make it; mkstemp gives 0600
       os.fsync(f.fileno())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def _umask() -> int:
+  """This process's umask, read without changing it (Linux), else the usual 022."""
+  try:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except OSError:
+    pass
+  return 0o022
+
+
+def write_json_atomic(path: str, payload: dict) -> None:
+  """JSON written whole or not at all (write_text_atomic)."""
+  write_text_atomic(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
 
 
 def read_result(run_dir: str) -> dict:

@@ -1,12 +1,14 @@
 """python -m fathom_jax.analysis breakdown <trace_dir> [--output_dir=DIR] [--hlo=FILE ...]
+   python -m fathom_jax.analysis diff <run A> <run B> [--output_dir=DIR]
 
 Op breakdown of any trace `jax.profiler.trace` wrote: ops.csv, component.csv, breakdown.json,
-breakdown.png and a printed table. Steps come from step annotations (jax.profiler.StepTraceAnnotation) where present,
-from program executions otherwise; an annotated step that took more than 1.5x the median is left
-out as stalled (listed in breakdown.json; --all_steps keeps it). The HLO is the one the trace
-embeds; HLO text files beside the trace (*.optimized.hlo.txt, or XLA's *after_optimizations.txt
-from --xla_dump_to) or given with --hlo serve where it does not. Bad input: one line on stderr,
-exit status 2.
+breakdown.png and a printed table. Steps come from step annotations
+(jax.profiler.StepTraceAnnotation) where present, from program executions otherwise; an
+annotated step that took more than 1.5x the median is left out as stalled (listed in
+breakdown.json; --all_steps keeps it). The HLO is the one the trace embeds; HLO text files
+beside the trace (*.optimized.hlo.txt, or XLA's *after_optimizations.txt from --xla_dump_to) or
+given with --hlo serve where it does not. The diff compares two runs of one workload
+(fathom_jax.analysis.diff). Bad input: one line on stderr, exit status 2.
 """
 
 import argparse
@@ -19,7 +21,7 @@ from fathom_jax.errors import UsageError
 HLO_PATTERNS = ("*.optimized.hlo.txt", "*after_optimizations.txt")
 
 
-def _hlo_beside(trace_dir: str) -> list[str]:
+def hlo_beside(trace_dir: str) -> list[str]:
   if not os.path.isdir(trace_dir):
     return []
   return sorted(p for pattern in HLO_PATTERNS
@@ -47,6 +49,14 @@ def main(argv=None) -> int:
   cmd.add_argument("--component_depth", default="layer",
                    help="model components by the first N names of their op_name path: model, "
                         "block, layer, full or N (default: layer)")
+  cmd = sub.add_parser("diff", help="two runs compared, with 95% intervals: diff.csv, diff.md, "
+                                     "diff.png and a table")
+  cmd.add_argument("a", help="run A: a run folder, a study point or a trace folder")
+  cmd.add_argument("b", help="run B, compared against A (B - A)")
+  cmd.add_argument("--output_dir", default="diff", help="where to write (default: ./diff)")
+  cmd.add_argument("--component_depth", default="layer",
+                   help="components compared at model, block, layer, full or N names "
+                        "(default: layer)")
   args = parser.parse_args(argv)
 
   from fathom_jax.analysis import breakdown, components
@@ -54,8 +64,10 @@ def main(argv=None) -> int:
     depth = components.depth_of(args.component_depth)
   except ValueError as e:
     parser.error(f"--component_depth: {e}")
+  if args.command == "diff":
+    return _diff(args, depth)
   try:
-    hlo_files = args.hlo + _hlo_beside(args.trace_dir)
+    hlo_files = args.hlo + hlo_beside(args.trace_dir)
     output_dir = args.output_dir or (args.trace_dir if os.path.isdir(args.trace_dir)
                                      else os.path.dirname(os.path.abspath(args.trace_dir)))
     result, paths = breakdown.run(
@@ -66,6 +78,19 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   print(breakdown.format_table(result.summary, args.title))
+  for path in paths.values():
+    print(f"  wrote {path}")
+  return 0
+
+
+def _diff(args, depth) -> int:
+  from fathom_jax.analysis import diff
+  try:
+    _, table, paths = diff.run(args.a, args.b, args.output_dir, depth)
+  except UsageError as e:  # DataError included
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(table)
   for path in paths.values():
     print(f"  wrote {path}")
   return 0

@@ -43,6 +43,7 @@ class OpStats:
   occurrences: int = 0
   attributed_ns: float = 0.0  # share of covered step time (see module docstring)
   busy_ns: float = 0.0  # summed event durations
+  window_ns: dict = dataclasses.field(default_factory=dict)  # attributed ns by step window
 
 
 @dataclasses.dataclass
@@ -149,12 +150,14 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
   step_programs = collections.Counter()
   starts = [e.start_ns for e in events]
   longest = max(e.duration_ns for e in events)
-  for window in steps:
+  window_wall = []
+  for w_index, window in enumerate(steps):
     lo = bisect.bisect_left(starts, window.start_ns - longest)
     hi = bisect.bisect_right(starts, window.end_ns)
     idxs = [i for i in range(lo, hi) if events[i].end_ns > window.start_ns]
     share, cov = _attribute(window, [events[i] for i in idxs], [is_container[i] for i in idxs])
     wall += window.duration_ns
+    window_wall.append(window.duration_ns)
     covered += cov
     for local, i in enumerate(idxs):
       e = events[i]
@@ -163,6 +166,8 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
       inside = e.start_ns >= window.start_ns and e.start_ns < window.end_ns
       s.occurrences += int(inside and e.first)
       s.attributed_ns += share.get(local, 0.0)
+      if share.get(local):
+        s.window_ns[w_index] = s.window_ns.get(w_index, 0.0) + share[local]
       s.busy_ns += min(e.end_ns, window.end_ns) - max(e.start_ns, window.start_ns)
       step_programs[key[0]] += share.get(local, 0.0)
   if wall <= 0:
@@ -173,6 +178,7 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
     main_key = max(step_programs, key=step_programs.get)
     n_steps = max(1, sum(main_key in w.name.split("+") for w in steps))
 
+  samples = _Samples(len(steps))
   rows, by_class, by_category = [], collections.Counter(), collections.Counter()
   by_component: dict[tuple[str, str], dict] = {}
   by_scope: dict[tuple[str, str], dict] = {}  # the outermost scope or module, passes together
@@ -201,11 +207,15 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
       parts = components.shares(inst, program.module, program.model)
     for cls, frac in shares.items():
       by_class[cls] += s.attributed_ns * frac
+      samples.add("by_class", cls, s.window_ns, frac)
     by_category[category] += s.attributed_ns
+    samples.add("by_xla_category", category, s.window_ns, 1.0)
+    for part, frac in _path_shares(parts).items():
+      samples.add("by_component", part, s.window_ns, frac)
     for (path, pass_, cls), frac in parts.items():
-      for table, key in ((by_component, (components.name(path, component_depth), pass_)),
-                         (by_scope, (components.name(path, 1), ""))):
-        entry = table.setdefault(key, {"ns": 0.0, "flops": 0.0, "bytes": 0.0,
+      for table, part in ((by_component, (components.name(path, component_depth), pass_)),
+                          (by_scope, (components.name(path, 1), ""))):
+        entry = table.setdefault(part, {"ns": 0.0, "flops": 0.0, "bytes": 0.0,
                                        "classes": collections.Counter()})
         entry["ns"] += s.attributed_ns * frac
         entry["flops"] += flops * s.occurrences * frac
@@ -259,6 +269,10 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
       "by_component": _component_table(by_component, n_steps, wall),
       "by_scope": {v["component"]: v for v in _component_table(by_scope, n_steps, wall).values()},
       "component_rule": components.__doc__.strip().replace("\n", " "),
+      # Per window (an annotated step, or merged program executions) attributed seconds: what a
+      # comparison of two runs needs for its intervals. Components at full depth, 'path|pass'.
+      "samples": {"unit": "step" if source == "step annotations" else "execution window",
+                  "wall_s": [w / 1e9 for w in window_wall], **samples.as_dict()},
       "cost_rule": categories.COST_RULE,
       "attribution_rule": __doc__.split("Time attribution.")[1].strip().replace("\n", " "),
   }
@@ -275,12 +289,34 @@ def _component_table(table: dict, n_steps: int, wall: float) -> dict:
       for (comp, pass_), v in sorted(table.items(), key=lambda kv: -kv[1]["ns"])}
 
 
-def _component_column(parts: dict) -> str:
-  """An op's shares by whole component path and pass ('path|pass=fraction;...'), for ops.csv."""
+class _Samples:
+  """Attributed ns per step window, by table and key."""
+
+  def __init__(self, windows: int):
+    self.windows = windows
+    self.tables: dict[str, dict[str, list[float]]] = collections.defaultdict(dict)
+
+  def add(self, table: str, key: str, window_ns: dict, fraction: float) -> None:
+    series = self.tables[table].setdefault(key, [0.0] * self.windows)
+    for w, ns in window_ns.items():
+      series[w] += ns * fraction
+
+  def as_dict(self) -> dict:
+    return {table: {k: [float(f"{ns / 1e9:.9g}") for ns in v] for k, v in keys.items()}
+            for table, keys in self.tables.items()}
+
+
+def _path_shares(parts: dict) -> collections.Counter:
+  """An op's shares by whole component path and pass ('path|pass'), classes summed."""
   merged = collections.Counter()
   for (path, pass_, _), frac in parts.items():
     merged[f"{components.name(path, None)}|{pass_}"] += frac
-  return ";".join(f"{key}={frac:.3f}" for key, frac in merged.most_common())
+  return merged
+
+
+def _component_column(parts: dict) -> str:
+  """An op's component shares ('path|pass=fraction;...'), for ops.csv."""
+  return ";".join(f"{key}={frac:.3f}" for key, frac in _path_shares(parts).most_common())
 
 
 def _merge(windows: list[trace.Window]) -> list[trace.Window]:
