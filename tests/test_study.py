@@ -45,7 +45,8 @@ def test_every_point_completes_and_the_report_has_every_section(finished):
   with open(os.path.join(folder, report.REPORT_FILE)) as f:
     text = f.read()
   for heading in ("## The suite", "## Training versus inference", "## Similarity",
-                  "## Fused versus per-op execution", "## CPU thread scaling",
+                  "## Fused versus per-op execution", "## Which components changed",
+                  "## CPU thread scaling",
                   "## Device scaling", "## What the breakdown found in XLA:CPU",
                   "## Roofline", "## Runs"):
     assert heading in text
@@ -78,6 +79,19 @@ def test_unfused_runs_more_kernels_and_no_fewer_classes(finished):
   # Eager dispatch is slower than the compiled step and its ops explain less of it.
   assert float(rows["eager"]["step_ms"]) > float(compiled["step_ms"])
   assert float(rows["eager"]["coverage"]) < float(compiled["coverage"])
+
+
+def test_components_fusion_and_tuning_changed_are_named_with_intervals(finished):
+  rows = _csv(finished[0], "component_diffs.csv")
+  comparisons = {r["comparison"] for r in rows}
+  assert "compiled -> unfused" in comparisons
+  for r in rows:
+    low, diff, high = (float(r[k]) for k in ("ci_low_ms", "diff_ms", "ci_high_ms"))
+    assert low <= diff <= high and (low > 0 or high < 0)  # only intervals that exclude zero
+    assert diff == pytest.approx(float(r["b_ms"]) - float(r["a_ms"]), rel=1e-6, abs=1e-9)
+  # Unfused, the model's own layers take longer: its forward or backward pass is among them.
+  unfused = [r for r in rows if r["comparison"] == "compiled -> unfused"]
+  assert any(r["component"].startswith("MemN2N|") and float(r["diff_ms"]) > 0 for r in unfused)
 
 
 def test_similarity_of_a_workload_to_itself_is_one(finished):
@@ -260,3 +274,18 @@ def test_bad_execution_and_cpu_flags_of_a_run(args, message, tmp_path, forked_cl
                         *args)
   assert proc.returncode == 2 and message in proc.stderr, proc.stderr
   assert len(proc.stderr.strip().splitlines()) == 1 and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("code, error, kept", [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", "killed by signal 9", False),
+    ("import sys; print('error: no such thing', file=sys.stderr); sys.exit(2)",
+     "error: no such thing", True),
+])
+def test_a_point_killed_from_outside_is_tried_again_and_bad_input_is_not(
+    code, error, kept, tmp_path, monkeypatch):
+  monkeypatch.setattr(study, "_command", lambda arguments: [sys.executable, "-c", code])
+  point = study.plan(SETTINGS)[0]
+  outcome = study.run_point(str(tmp_path), point, SETTINGS, timeout_s=60)
+  assert outcome["status"] == "failed" and outcome["error"] == error
+  # A finished point is never redone; one killed by a signal is unfinished.
+  assert (study.point_outcome(study.point_dir(str(tmp_path), point.id)) is not None) is kept

@@ -205,10 +205,13 @@ def run_point(output_dir: str, point: Point, settings: Settings, timeout_s: floa
     with open(os.path.join(folder, LOG_FILE)) as f:
       lines = [l.strip() for l in f if l.strip()]
     error = (f"exceeded the {timeout_s:.0f} s limit" if code is None else
+             f"killed by signal {-code}" if code < 0 else
              next((l for l in reversed(lines) if l.startswith("error:")),
                   f"exit status {code}: {lines[-1] if lines else 'no output'}"))
     outcome = {"status": "failed", "error": error, "exit_status": code}
-    if code is not None:  # a time limit may be too short; let a later attempt try again
+    # A time limit may be too short and a signal came from outside: a later attempt tries
+    # again. An exit status the run chose (bad input) is its answer.
+    if code is not None and code > 0:
       results.write_json_atomic(os.path.join(folder, POINT_FILE), outcome)
   return outcome
 

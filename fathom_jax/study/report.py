@@ -18,7 +18,7 @@ import numpy as np
 from fathom_jax import results
 from fathom_jax.analysis import (breakdown, categories, hlo, roofline, scaling, similarity,
                                  static)
-from fathom_jax.errors import DataError
+from fathom_jax.errors import DataError, UsageError
 
 REPORT_FILE = "report.md"
 FIGURES = "figures"
@@ -261,6 +261,41 @@ def fusion_rows(runs: list[Run]) -> list[dict]:
           "classes_present": sum(1 for c in CLASSES if r.class_ms(c) > 0),
           **{f"ms:{c}": r.class_ms(c) for c in CLASSES},
       })
+  return rows
+
+
+def component_diff_rows(runs: list[Run], top: int = 5) -> list[dict]:
+  """Per model component (layer depth), the changes a diff finds significant between the train
+  step compiled and unfused, compiled and eager, and as reference and tuned: the `top` largest
+  increases and decreases of each pair, and how many components could not be matched."""
+  from fathom_jax.analysis import diff
+  compiled = {r.point.workload: r for r in _completed(runs, "suite") if r.point.mode == "train"}
+  pairs = []
+  for r in _completed(runs, "fusion"):
+    if r.point.workload in compiled:
+      pairs.append((f"compiled -> {r.point.execution}", compiled[r.point.workload], r))
+  by_impl: dict = {}
+  for r in _completed(runs, "implementation"):
+    by_impl.setdefault(r.point.workload, {})[r.point.implementation] = r
+  for workload, impls in by_impl.items():
+    if {"reference", "tuned"} <= set(impls):
+      pairs.append(("reference -> tuned", impls["reference"], impls["tuned"]))
+  rows = []
+  for comparison, a, b in pairs:
+    try:
+      sides = [diff.read_side(r.run_dir, label) for r, label in ((a, "A"), (b, "B"))]
+    except (UsageError, OSError):  # a run without per-step samples: nothing to compare
+      continue
+    compared = [c for c in diff.compare(*sides) if c["table"] == "component"]
+    significant = [c for c in compared if c["matched"] == "both" and c["significant"]]
+    increases = sorted((c for c in significant if c["diff_ms"] > 0), key=lambda c: -c["diff_ms"])
+    decreases = sorted((c for c in significant if c["diff_ms"] < 0), key=lambda c: c["diff_ms"])
+    unmatched = sum(c["matched"] != "both" for c in compared)
+    for c in increases[:top] + decreases[:top]:
+      rows.append({"workload": a.point.workload, "comparison": comparison,
+                   "component": c["name"], "a_ms": c["a_ms"], "b_ms": c["b_ms"],
+                   "diff_ms": c["diff_ms"], "ci_low_ms": c["ci_low_ms"],
+                   "ci_high_ms": c["ci_high_ms"], "unmatched_components": unmatched})
   return rows
 
 
@@ -671,6 +706,23 @@ def _fusion_section(runs: list[Run], out: _Out) -> list[str]:
           *[f"- {s}" for s in fusion_findings(rows)], "", "![fusion](figures/fusion.png)", ""]
 
 
+def _component_diff_section(runs: list[Run], out: _Out) -> list[str]:
+  rows = component_diff_rows(runs)
+  if not rows:
+    return []
+  out.table("component_diffs.csv", rows)
+  from fathom_jax.analysis import diff
+  return ["## Which components changed", "",
+          "The same train step run two ways, compared per model component (`python -m "
+          "fathom_jax.analysis diff`, components at layer depth, with their pass): the largest "
+          f"increases and decreases whose interval excludes zero ({diff.METHOD}). An eager "
+          "step runs one small program per op, whose names keep little of the model: its "
+          "components mostly do not match.", "",
+          markdown_table(rows, ["workload", "comparison", "component", "a_ms", "b_ms",
+                                "diff_ms", "ci_low_ms", "ci_high_ms", "unmatched_components"]),
+          ""]
+
+
 def _scaling_sections(runs: list[Run], out: _Out) -> list[str]:
   """Thread scaling, then device scaling beside it."""
   md = []
@@ -788,6 +840,7 @@ def build(study_dir: str) -> str:
         *_suite_section(runs, peaks, out), *_train_vs_infer_section(runs, out),
         *_phase_section(runs, peaks, out),
         *_similarity_section(runs, out), *_fusion_section(runs, out),
+        *_component_diff_section(runs, out),
         *_scaling_sections(runs, out), *_implementation_section(runs, out),
         *_target_section(runs, peaks, out),
         *_roofline_section(runs, peaks, out),
