@@ -139,3 +139,29 @@ def test_bad_input_is_one_line(two_programs, tmp_path, forked_cli):
     assert proc.returncode == 2, (args, proc.stderr)
     assert message in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_measured_run_against_a_static_target_estimate(two_programs, tmp_path):
+  # A memnet train step compiled for an H100 on a machine without one (tests/data/targets).
+  import gzip
+  from fathom_jax import targets
+  from fathom_jax.analysis import hlo, static
+  path = os.path.join(os.path.dirname(__file__), "data", "targets", "h100", "memnet.train.hlo.txt.gz")
+  with gzip.open(path, "rt") as f:
+    module = hlo.parse_module(f.read())
+  folder = tmp_path / "h100"
+  folder.mkdir()
+  estimate = static.analyse(module, targets.get("h100").peaks("float32"))
+  results.write_json_atomic(str(folder / static.STATIC_FILE), estimate)
+  results.write_json_atomic(str(folder / results.RESULT_FILE), {
+      "kind": "target compile", "workload": "memnet", "mode": "train",
+      "target": {"name": "h100"}})
+  rows, table, _ = diff.run(two_programs["tuned"], str(folder), str(tmp_path / "out"))
+  matched = {(r["table"], r["name"]): r for r in rows if r["matched"] == "both"}
+  # The same model's components match across the CPU run and the GPU program; an estimate
+  # has one value, so nothing gets an interval or a flag.
+  assert ("component", "MemN2N|forward") in matched and ("component", "MemN2N|backward") in matched
+  step = matched[("step", "step")]
+  assert step["b_ms"] == pytest.approx(estimate["estimated_step_s"] * 1e3)
+  assert all(r["ci_low_ms"] is None and r["significant"] is None for r in matched.values())
+  assert "(no interval)" in table and "h100 (static estimate)" in table

@@ -2,7 +2,9 @@
 
     python -m fathom_jax.analysis diff A B [--output_dir=DIR] [--component_depth=layer]
 
-A and B are run folders (or study points, or any trace folder the breakdown command reads).
+A and B are run folders (or study points, or any trace folder the breakdown command reads); a
+run compiled for a device this machine lacks (`run.py --target`) takes part with its static
+estimates, which have one value and no interval.
 The runs are matched on what survives recompilation: Fathom classes, XLA categories, and model
 components (op_name paths and passes), never HLO instruction names, which change from one
 compilation to the next. Each row gives the time per step in A and in B, the difference B - A
@@ -22,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 from fathom_jax import results
-from fathom_jax.analysis import breakdown, components
+from fathom_jax.analysis import breakdown, components, static
 from fathom_jax.errors import DataError, UsageError
 
 RESAMPLES = 2000
@@ -43,7 +45,8 @@ class Side:
   workload: Optional[str]
   mode: Optional[str]
   backend: Optional[str]
-  samples: dict  # breakdown.json's 'samples'
+  samples: Optional[dict]  # breakdown.json's 'samples' of a measured run
+  estimate: Optional[dict] = None  # {table: {key: seconds}} of a static one (--target)
 
 
 def _run_folder(path: str) -> str:
@@ -53,7 +56,7 @@ def _run_folder(path: str) -> str:
     raise UsageError(f"{path} does not exist")
   if not os.path.isdir(path):
     raise UsageError(f"{path} is not a folder (a run folder, a study point or a trace folder)")
-  marks = (breakdown.BREAKDOWN_FILE, results.RESULT_FILE)
+  marks = (breakdown.BREAKDOWN_FILE, results.RESULT_FILE, static.STATIC_FILE)
   if any(os.path.exists(os.path.join(path, m)) for m in marks):
     return path
   runs = sorted(d for d in (os.path.join(path, n) for n in os.listdir(path))
@@ -86,6 +89,21 @@ def read_side(path: str, label: str) -> Side:
   folder = _run_folder(path)
   record_path = os.path.join(folder, results.RESULT_FILE)
   record = _read_json(record_path) if os.path.exists(record_path) else {}
+  static_path = os.path.join(folder, static.STATIC_FILE)
+  if os.path.exists(static_path):
+    estimate = _read_json(static_path)
+    try:
+      tables = {"step": {"step": estimate["estimated_step_s"]},
+                **{key: {k: v["estimated_s"] for k, v in estimate[field].items()}
+                   for key, field in (("by_class", "classes"),
+                                      ("by_xla_category", "xla_categories"),
+                                      ("by_component", "components"))}}
+    except (KeyError, TypeError, AttributeError):
+      raise DataError(f"{static_path}: damaged, or written before components were kept; "
+                      "compile the target again") from None
+    target = (record.get("target") or {}).get("name") or "a target"
+    return Side(label, folder, record.get("workload"), record.get("mode"),
+                f"{target} (static estimate)", None, tables)
   summary_path = os.path.join(folder, breakdown.BREAKDOWN_FILE)
   summary = _read_json(summary_path) if os.path.exists(summary_path) else None
   if summary is None or "samples" not in summary:
@@ -125,8 +143,17 @@ def interval(a: np.ndarray, b: np.ndarray, seed: int = 0) -> tuple[float, float,
   return float(b.mean() - a.mean()), float(low), float(high)
 
 
+def _series(side: Side, key: str) -> dict:
+  """{name: per-step seconds (an array), or one estimated value (a float)}."""
+  if side.samples is None:
+    return dict(side.estimate.get(key, {}))
+  if key == "step":
+    return {"step": side.samples["wall_s"]}
+  return dict(side.samples.get(key, {}))
+
+
 def _at_depth(series: dict, depth: Optional[int]) -> dict:
-  """Full-depth component samples ('path|pass') summed at `depth`."""
+  """Full-depth component values ('path|pass') summed at `depth`."""
   out: dict[str, np.ndarray] = {}
   for key, values in series.items():
     path, _, pass_ = key.rpartition("|")
@@ -140,12 +167,9 @@ def compare(a: Side, b: Side, depth: Optional[int] = components.DEPTHS["layer"])
   """Rows of the comparison, step first, then each table's keys by the size of the change."""
   rows = []
   for table, key in TABLES:
-    if key == "step":
-      series_a, series_b = {"step": a.samples["wall_s"]}, {"step": b.samples["wall_s"]}
-    elif key == "by_component":
-      series_a, series_b = (_at_depth(s.samples.get(key, {}), depth) for s in (a, b))
-    else:
-      series_a, series_b = a.samples.get(key, {}), b.samples.get(key, {})
+    series_a, series_b = _series(a, key), _series(b, key)
+    if key == "by_component":
+      series_a, series_b = _at_depth(series_a, depth), _at_depth(series_b, depth)
     table_rows = []
     for name in dict.fromkeys([*series_a, *series_b]):
       row = {"table": table, "name": name}
@@ -155,12 +179,16 @@ def compare(a: Side, b: Side, depth: Optional[int] = components.DEPTHS["layer"])
         row.update(matched=f"only in {only}", a_ms=values.mean() * 1e3 if only == "A" else None,
                    b_ms=values.mean() * 1e3 if only == "B" else None)
       else:
-        va, vb = (np.asarray(s[name], float) for s in (series_a, series_b))
-        d, low, high = interval(va, vb)
+        va, vb = (np.atleast_1d(np.asarray(s[name], float)) for s in (series_a, series_b))
+        if a.samples is None or b.samples is None:  # an estimate: one value, no interval
+          d, low, high, significant = vb.mean() - va.mean(), None, None, None
+        else:
+          d, low, high = interval(va, vb)
+          significant = bool(low > 0 or high < 0)
         row.update(matched="both", a_ms=va.mean() * 1e3, b_ms=vb.mean() * 1e3, diff_ms=d * 1e3,
-                   ci_low_ms=low * 1e3, ci_high_ms=high * 1e3,
-                   change=d / va.mean() if va.mean() > 0 else None,
-                   significant=bool(low > 0 or high < 0))
+                   ci_low_ms=None if low is None else low * 1e3,
+                   ci_high_ms=None if high is None else high * 1e3,
+                   change=d / va.mean() if va.mean() > 0 else None, significant=significant)
       table_rows.append(row)
     table_rows.sort(key=lambda r: -abs(r.get("diff_ms") or r.get("a_ms") or r.get("b_ms") or 0))
     rows += table_rows
@@ -181,21 +209,36 @@ def _fmt(v) -> str:
   return str(v)
 
 
+def _described(side: Side) -> str:
+  if side.samples is None:
+    return f"{side.backend or 'a target'}, one value"
+  return (f"{side.backend or 'backend unknown'}, {len(side.samples['wall_s'])} "
+          f"{side.samples['unit']}s")
+
+
+def _method(a: Side, b: Side) -> str:
+  if a.samples is None or b.samples is None:
+    return "difference of time per step, B - A; an estimate has no interval and flags nothing"
+  return METHOD
+
+
 def format_table(rows: list[dict], a: Side, b: Side, top: int = 12) -> str:
-  lines = [f"== diff: A {a.folder}\n         B {b.folder}",
-           f"   ({len(a.samples['wall_s'])} and {len(b.samples['wall_s'])} {a.samples['unit']}s; "
-           f"{METHOD}) =="]
+  lines = [f"== diff: A {a.folder} ({_described(a)})\n         B {b.folder} ({_described(b)})",
+           f"   ({_method(a, b)}) =="]
+  estimate = a.samples is None or b.samples is None
   for table, _ in TABLES:
     shown = [r for r in rows if r["table"] == table and r["matched"] == "both"
-             and (table == "step" or r["significant"])][:top]
+             and (table == "step" or estimate or r["significant"])][:top]
     if not shown:
       continue
     lines.append(f"  {table:<46s} {'A ms':>9s} {'B ms':>9s} {'B-A ms':>9s} {'95% CI':>21s}")
     for r in shown:
       label = r["name"] if len(r["name"]) <= 46 else "..." + r["name"][-43:]
-      flag = " *" if r["significant"] else ""
-      lines.append(f"  {label:<46s} {r['a_ms']:9.3f} {r['b_ms']:9.3f} {r['diff_ms']:+9.3f} "
-                   f"[{r['ci_low_ms']:+8.3f}, {r['ci_high_ms']:+8.3f}]{flag}")
+      ci = ("(no interval)" if r["ci_low_ms"] is None else
+            f"[{r['ci_low_ms']:+8.3f}, {r['ci_high_ms']:+8.3f}]" + (" *" if r["significant"]
+                                                                   else ""))
+      lines.append(f"  {label:<46s} {r['a_ms']:9.4g} {r['b_ms']:9.4g} {r['diff_ms']:+9.4g} "
+                   f"{ci:>21s}")
   unmatched = [r for r in rows if r["matched"] != "both"]
   if unmatched:
     lines.append(f"  not matched: {len(unmatched)} (" + ", ".join(
@@ -209,10 +252,8 @@ def write(rows: list[dict], a: Side, b: Side, output_dir: str) -> dict[str, str]
   paths = {name: os.path.join(output_dir, name) for name in (DIFF_CSV, DIFF_MD, DIFF_FIGURE)}
   results.write_text_atomic(paths[DIFF_CSV], _csv_text(rows))
   md = [f"# {a.workload or 'run'} {a.mode or ''}: B against A", "",
-        f"- A: `{a.folder}` ({a.backend or 'backend unknown'}, {len(a.samples['wall_s'])} "
-        f"{a.samples['unit']}s)",
-        f"- B: `{b.folder}` ({b.backend or 'backend unknown'}, {len(b.samples['wall_s'])} "
-        f"{b.samples['unit']}s)", f"- method: {METHOD}", ""]
+        f"- A: `{a.folder}` ({_described(a)})", f"- B: `{b.folder}` ({_described(b)})",
+        f"- method: {_method(a, b)}", ""]
   for table, _ in TABLES:
     part = [r for r in rows if r["table"] == table]
     if not part:
@@ -244,8 +285,10 @@ def plot(rows: list[dict], path: str, title: str) -> None:
   fig, ax = plt.subplots(figsize=(8, 0.4 * len(shown) + 1.2))
   y = np.arange(len(shown))[::-1]
   diffs = [r["diff_ms"] for r in shown]
-  errors = [[r["diff_ms"] - r["ci_low_ms"] for r in shown],
-            [r["ci_high_ms"] - r["diff_ms"] for r in shown]]
+  errors = None
+  if all(r["ci_low_ms"] is not None for r in shown):
+    errors = [[r["diff_ms"] - r["ci_low_ms"] for r in shown],
+              [r["ci_high_ms"] - r["diff_ms"] for r in shown]]
   colors = ["#c44e52" if r["significant"] else "#999999" for r in shown]
   ax.barh(y, diffs, xerr=errors, color=colors, capsize=3)
   ax.axvline(0, color="black", linewidth=0.8)

@@ -12,7 +12,7 @@ else to the vector peak where the device states one, else to memory bandwidth al
 import dataclasses
 from typing import Iterator, Optional
 
-from fathom_jax.analysis import categories, cost, hlo
+from fathom_jax.analysis import categories, components, cost, hlo
 
 STATIC_FILE = "static.json"  # a run folder's static breakdown (run.py --target)
 
@@ -71,6 +71,7 @@ def analyse(module: hlo.Module, peaks: Peaks) -> dict:
   model = cost.CostModel(module)
   by_class: dict[str, dict] = {}
   by_category: dict[str, dict] = {}
+  by_component: dict[str, dict] = {}  # 'path|pass' at full depth
   launches = fusions = library_calls = 0
   total_seconds = 0.0
 
@@ -92,6 +93,9 @@ def analyse(module: hlo.Module, peaks: Peaks) -> dict:
     for cls, share in shares.items():
       add(by_class, cls, flops * share, nbytes * share, seconds * share)
     add(by_category, categories.refined_category(inst, module), flops, nbytes, seconds)
+    for (path, pass_, _), share in components.shares(inst, module, model).items():
+      add(by_component, f"{components.name(path, None)}|{pass_}", flops * share,
+          nbytes * share, seconds * share)
     launches += times
     fusions += times * (inst.opcode == "fusion")
     library_calls += times * (inst.opcode == "custom-call")
@@ -112,6 +116,7 @@ def analyse(module: hlo.Module, peaks: Peaks) -> dict:
       "library_calls_launched": library_calls,
       "classes": dict(sorted(by_class.items(), key=lambda kv: -kv[1]["estimated_s"])),
       "xla_categories": dict(sorted(by_category.items(), key=lambda kv: -kv[1]["estimated_s"])),
+      "components": dict(sorted(by_component.items(), key=lambda kv: -kv[1]["estimated_s"])),
   }
 
 
