@@ -99,3 +99,11 @@ def test_the_decoding_programs_work_splits_into_its_phases_and_layers(decoding_p
   # The named scopes of the two phases hold nearly all the work; each phase runs attention.
   assert (work["prefill"] + work["decode"]) / total > 0.9
   assert work["prefill/attention"] > 0 and work["decode/attention"] > 0
+
+
+def test_kinds_sum_repeated_blocks():
+  assert components.kind(("decode", "GPT", "block_11", "attention")) == \
+      "decode/GPT/block_*/attention"
+  assert components.kind(("ResNet", "Bottleneck_3", "Conv_1")) == "ResNet/Bottleneck_*/Conv_*"
+  assert components.kind(("fathom.optimization",)) == "fathom.optimization"
+  assert components.kind(()) == components.TOP_LEVEL

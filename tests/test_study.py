@@ -45,6 +45,7 @@ def test_every_point_completes_and_the_report_has_every_section(finished):
   with open(os.path.join(folder, report.REPORT_FILE)) as f:
     text = f.read()
   for heading in ("## The suite", "## Training versus inference", "## Similarity",
+                  "## Where the classes sit in each model",
                   "## Fused versus per-op execution", "## Which components changed",
                   "## CPU thread scaling",
                   "## Device scaling", "## What the breakdown found in XLA:CPU",
@@ -79,6 +80,16 @@ def test_unfused_runs_more_kernels_and_no_fewer_classes(finished):
   # Eager dispatch is slower than the compiled step and its ops explain less of it.
   assert float(rows["eager"]["step_ms"]) > float(compiled["step_ms"])
   assert float(rows["eager"]["coverage"]) < float(compiled["coverage"])
+
+
+def test_each_models_largest_components_with_their_classes(finished):
+  rows = _csv(finished[0], "component_kinds.csv")
+  assert {(r["workload"], r["mode"]) for r in rows} == {
+      (w, m) for w in ("memnet", "autoenc") for m in ("train", "infer")}
+  memnet_train = [r for r in rows if (r["workload"], r["mode"]) == ("memnet", "train")]
+  assert len(memnet_train) <= 5 and any(r["component"] == "MemN2N" for r in memnet_train)
+  shares = [float(r["share_of_step"]) for r in memnet_train]
+  assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
 
 
 def test_components_fusion_and_tuning_changed_are_named_with_intervals(finished):

@@ -154,6 +154,14 @@ def test_prefill_and_decode_are_timed_and_broken_down_apart(tmp_path):
       profile["coverage"] + 1e-9
   assert phases["decode"]["bytes_per_token"] > phases["prefill"]["bytes_per_token"]
   assert phases["decode"]["flops_per_byte"] < phases["prefill"]["flops_per_byte"]
+  # Attention is a named part of each phase, with the classes it holds, all blocks summed.
+  import json, os
+  from fathom_jax.analysis import breakdown
+  with open(os.path.join(record["run_dir"], breakdown.BREAKDOWN_FILE)) as f:
+    kinds = json.load(f)["by_component_kind"]
+  for phase in (transformer.PREFILL, transformer.DECODE):
+    attention = kinds[f"{phase}/GPT/block_*/attention"]
+    assert attention["time_per_step_s"] > 0 and len(attention["by_class_s"]) >= 2
   # The study's report reads the phases from the run's record, against the machine's peaks.
   from fathom_jax import study
   from fathom_jax.study import report

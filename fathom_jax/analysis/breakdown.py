@@ -182,6 +182,7 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
   rows, by_class, by_category = [], collections.Counter(), collections.Counter()
   by_component: dict[tuple[str, str], dict] = {}
   by_scope: dict[tuple[str, str], dict] = {}  # the outermost scope or module, passes together
+  by_kind: dict[tuple[str, str], dict] = {}  # whole paths, instances collapsed, passes together
   unmatched_ns = 0.0
   for (key, name), s in stats.items():
     program = programs.get(key) or next((p for p in programs.values()
@@ -214,7 +215,8 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
       samples.add("by_component", part, s.window_ns, frac)
     for (path, pass_, cls), frac in parts.items():
       for table, part in ((by_component, (components.name(path, component_depth), pass_)),
-                          (by_scope, (components.name(path, 1), ""))):
+                          (by_scope, (components.name(path, 1), "")),
+                          (by_kind, (components.kind(path), ""))):
         entry = table.setdefault(part, {"ns": 0.0, "flops": 0.0, "bytes": 0.0,
                                        "classes": collections.Counter()})
         entry["ns"] += s.attributed_ns * frac
@@ -268,6 +270,8 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
       "component_depth": component_depth,
       "by_component": _component_table(by_component, n_steps, wall),
       "by_scope": {v["component"]: v for v in _component_table(by_scope, n_steps, wall).values()},
+      "by_component_kind": {v["component"]: v
+                            for v in _component_table(by_kind, n_steps, wall).values()},
       "component_rule": components.__doc__.strip().replace("\n", " "),
       # Per window (an annotated step, or merged program executions) attributed seconds: what a
       # comparison of two runs needs for its intervals. Components at full depth, 'path|pass'.

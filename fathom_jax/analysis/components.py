@@ -13,7 +13,8 @@ helpers (`jit(_take)`), and unnamed or einsum-labelled transformations (`vmap()`
 `jvp(...)`; ops under neither (a program that differentiates nothing, a training step's optimizer
 update) have none. The last token, the
 primitive, is not part of the component. Depth keeps the first N tokens: model (1), block (2),
-layer (3), or all of them.
+layer (3), or all of them. A component's kind is its whole path with instance numbers
+collapsed (`block_0`, `block_1` are `block_*`).
 
 A fusion's time is split among the components of the instructions in its body by the cost rule
 the classes use (`categories.COST_RULE`).
@@ -100,6 +101,15 @@ def name(path: tuple[str, ...], depth: Optional[int]) -> str:
   """The component at `depth` (None: the whole path)."""
   kept = path if depth is None else path[:depth]
   return "/".join(kept) if kept else TOP_LEVEL
+
+
+_INSTANCE = re.compile(r"_\d+$")
+
+
+def kind(path: tuple[str, ...]) -> str:
+  """The whole path with instance numbers collapsed (`GPT/block_*/attention`): the repeated
+  blocks of a model summed as one kind of component."""
+  return name(tuple(_INSTANCE.sub("_*", token) for token in path), None)
 
 
 def shares(inst: hlo.Instruction, module: hlo.Module, model: cost.CostModel

@@ -264,6 +264,24 @@ def fusion_rows(runs: list[Run]) -> list[dict]:
   return rows
 
 
+def component_kind_rows(runs: list[Run], top: int = 5) -> list[dict]:
+  """Per suite run, the `top` kinds of model component by time (repeated blocks summed, e.g.
+  `GPT/block_*/attention`), each with its classes: what the class view sums over."""
+  rows = []
+  for r in _completed(runs, "suite"):
+    kinds = (r.summary or {}).get("by_component_kind") or {}
+    for name, v in list(kinds.items())[:top]:
+      classes = v["by_class_s"]
+      main = max(classes, key=classes.get) if classes else ""
+      rows.append({
+          "workload": r.point.workload, "mode": r.point.mode, "component": name,
+          "share_of_step": v["share_of_step"], "ms_per_step": v["time_per_step_s"] * 1e3,
+          "classes": "; ".join(f"{c} {t / v['time_per_step_s']:.0%}" for c, t in classes.items()
+                               if v["time_per_step_s"] > 0 and t / v["time_per_step_s"] >= 0.05),
+          "main_class": main})
+  return rows
+
+
 def component_diff_rows(runs: list[Run], top: int = 5) -> list[dict]:
   """Per model component (layer depth), the changes a diff finds significant between the train
   step compiled and unfused, compiled and eager, and as reference and tuned: the `top` largest
@@ -706,6 +724,19 @@ def _fusion_section(runs: list[Run], out: _Out) -> list[str]:
           *[f"- {s}" for s in fusion_findings(rows)], "", "![fusion](figures/fusion.png)", ""]
 
 
+def _component_kind_section(runs: list[Run], out: _Out) -> list[str]:
+  rows = component_kind_rows(runs)
+  if not rows:
+    return []
+  out.table("component_kinds.csv", rows)
+  return ["## Where the classes sit in each model", "",
+          "The profiled step's time by model component (op_name paths of modules and named "
+          "scopes, repeated blocks summed as one kind), the five largest per run, with the "
+          "classes each holds (5% and more of it): the parts a time-per-class view sums over.",
+          "", markdown_table(rows, ["workload", "mode", "component", "share_of_step",
+                                    "ms_per_step", "classes"]), ""]
+
+
 def _component_diff_section(runs: list[Run], out: _Out) -> list[str]:
   rows = component_diff_rows(runs)
   if not rows:
@@ -838,7 +869,7 @@ def build(study_dir: str) -> str:
         f"- reproduce: `{meta.get('command', '')}` (resumes; every run's own command is in "
         "the run list below)", "", f"{done} of {len(runs)} runs completed.", "",
         *_suite_section(runs, peaks, out), *_train_vs_infer_section(runs, out),
-        *_phase_section(runs, peaks, out),
+        *_phase_section(runs, peaks, out), *_component_kind_section(runs, out),
         *_similarity_section(runs, out), *_fusion_section(runs, out),
         *_component_diff_section(runs, out),
         *_scaling_sections(runs, out), *_implementation_section(runs, out),
