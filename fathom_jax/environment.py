@@ -1,8 +1,12 @@
 """Backend selection and a description of the machine and software a run used."""
 
+import datetime
+import functools
 import os
 import platform
+import shlex
 import socket
+import subprocess
 import sys
 
 import jax
@@ -81,6 +85,37 @@ def _cpu_model() -> str:
   except OSError:
     pass
   return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def _checkout() -> dict:
+  """The git commit of the checkout fathom_jax runs from, and whether its tree had changes;
+  empty when it runs from an installed copy."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  if not os.path.exists(os.path.join(root, ".git")):
+    return {}
+  try:
+    commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True,
+                            text=True, timeout=10)
+    status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                            capture_output=True, text=True, timeout=10)
+  except (OSError, subprocess.SubprocessError):
+    return {}
+  if commit.returncode != 0 or status.returncode != 0:
+    return {}
+  return {"git_commit": commit.stdout.strip(), "git_dirty": bool(status.stdout.strip())}
+
+
+def provenance() -> dict:
+  """What produced a result: fathom_jax's version and checkout, the command line, and when it
+  started (UTC, ISO 8601); the runner adds the duration when it ends."""
+  import fathom_jax
+  return {
+      "fathom_jax": fathom_jax.__version__,
+      **_checkout(),
+      "command": shlex.join(getattr(sys, "orig_argv", sys.argv)),
+      "started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
 
 
 def describe(devices) -> dict:

@@ -7,7 +7,6 @@ a datasheet: on a shared or throttled machine the datasheet is not what a progra
 """
 
 import argparse
-import json
 import sys
 import time
 from typing import Callable

@@ -10,7 +10,6 @@ with and without profiling. The run folder receives:
 """
 
 import glob
-import json
 import os
 import resource
 import shutil
@@ -40,14 +39,13 @@ def save_programs(run_dir: str, lowered, compiled) -> dict[str, str]:
   name = module_name(optimized)
   paths = {kind: os.path.join(folder, f"{name}.{kind}") for kind in
            ("optimized.hlo.txt", "unoptimized.hlo.txt", "analysis.json")}
-  with open(paths["optimized.hlo.txt"], "w") as f:
-    f.write(optimized)
-  with open(paths["unoptimized.hlo.txt"], "w") as f:
-    f.write(lowered.as_text(dialect="hlo", debug_info=True))  # with op_names: scopes classify
-  with open(paths["analysis.json"], "w") as f:
-    json.dump({"cost_analysis": compiling.cost_analysis(compiled),
-               "memory_analysis": compiling.memory_analysis(compiled)}, f, indent=2)
-    f.write("\n")
+  results.write_text_atomic(paths["optimized.hlo.txt"], optimized)
+  # With op_names: scopes classify.
+  results.write_text_atomic(paths["unoptimized.hlo.txt"],
+                            lowered.as_text(dialect="hlo", debug_info=True))
+  results.write_json_atomic(paths["analysis.json"],
+                            {"cost_analysis": compiling.cost_analysis(compiled),
+                             "memory_analysis": compiling.memory_analysis(compiled)})
   return paths
 
 

@@ -1,8 +1,14 @@
 """Run folders and result files: one JSON per run, written atomically; the figures derived from
-a run's step times, and its printed summary."""
+a run's step times, and its printed summary.
+
+Every JSON file the project writes is strict JSON (RFC 8259): a number that is not finite (a
+diverged loss) is written as the string "NaN", "Infinity" or "-Infinity", which any parser
+reads and no number can be mistaken for.
+"""
 
 import datetime
 import json
+import math
 import os
 import tempfile
 import uuid
@@ -12,6 +18,8 @@ import numpy as np
 
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
+# The JSON Schema of result.json, kept with the package (any JSON Schema validator reads it).
+SCHEMA_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "result.schema.json")
 
 
 def new_run_dir(output_dir: str, workload: str, mode: str, preset: str) -> str:
@@ -40,6 +48,22 @@ def write_text_atomic(path: str, text: str) -> None:
     raise
 
 
+def save_figure(fig, path: str, **savefig_options) -> None:
+  """A matplotlib figure saved whole or not at all, in the format of `path`'s extension."""
+  folder = os.path.dirname(os.path.abspath(path))
+  extension = os.path.splitext(path)[1]
+  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=extension, dir=folder)
+  os.close(fd)
+  try:
+    fig.savefig(tmp, format=extension.lstrip(".") or None, **savefig_options)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
 def _umask() -> int:
   """This process's umask, read without changing it (Linux), else the usual 022."""
   try:
@@ -52,9 +76,30 @@ def _umask() -> int:
   return 0o022
 
 
+def strict(value):
+  """`value` as strict JSON takes it: arrays and numpy scalars as Python values, tuples as
+  lists, non-finite floats as their names (see the module docstring)."""
+  if isinstance(value, dict):
+    return {k: strict(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict(v) for v in value]
+  if isinstance(value, (bool, int, str)) or value is None:
+    return value
+  if isinstance(value, float):
+    if math.isfinite(value):
+      return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+  return strict(_jsonable(value))
+
+
+def dumps(payload) -> str:
+  """Strict JSON text of `payload`, indented, with a final newline."""
+  return json.dumps(strict(payload), indent=2, allow_nan=False) + "\n"
+
+
 def write_json_atomic(path: str, payload: dict) -> None:
-  """JSON written whole or not at all (write_text_atomic)."""
-  write_text_atomic(path, json.dumps(payload, indent=2, default=_jsonable) + "\n")
+  """Strict JSON written whole or not at all (write_text_atomic)."""
+  write_text_atomic(path, dumps(payload))
 
 
 def read_result(run_dir: str) -> dict:
@@ -63,10 +108,10 @@ def read_result(run_dir: str) -> dict:
 
 
 def _jsonable(value):
-  if hasattr(value, "item"):
-    return value.item()
-  if hasattr(value, "tolist"):
+  if getattr(value, "ndim", 0) > 0 and hasattr(value, "tolist"):  # arrays
     return value.tolist()
+  if hasattr(value, "item"):  # numpy and JAX scalars
+    return value.item()
   if isinstance(value, tuple):
     return list(value)
   raise TypeError(f"not JSON serialisable: {type(value).__name__}")

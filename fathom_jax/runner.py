@@ -213,9 +213,11 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
   figures = {"parameters": model_steps.count_parameters(model), "step_times_s": []}
   if train:
     figures["losses"] = []
+  started = time.perf_counter()
   record = {
       "schema_version": results.SCHEMA_VERSION,
       "status": "running",
+      "provenance": environment.provenance(),
       "workload": spec.workload,
       "mode": spec.mode,
       "preset": spec.preset,
@@ -261,6 +263,7 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
     if tokens is not None:
       figures["tokens_per_example"] = tokens(resolved.config, spec.mode)
     record["figures"] = results.summarise(figures, batch_size)
+    record["provenance"]["duration_s"] = time.perf_counter() - started
     if run_dir:
       results.write_json_atomic(os.path.join(run_dir, results.RESULT_FILE), record)
   return record

@@ -11,7 +11,7 @@ import os
 import time
 from typing import Optional
 
-from fathom_jax import compiling, config as config_lib, model_steps, profiling, results, targets
+from fathom_jax import compiling, config as config_lib, environment, model_steps, profiling, results, targets
 from fathom_jax.errors import UsageError
 
 def _abstract(tree, sharding):
@@ -86,6 +86,7 @@ def compile_for_target(spec, target: targets.Target, devices: list, say=print) -
   record = {
       "schema_version": results.SCHEMA_VERSION,
       "status": "completed",
+      "provenance": {**environment.provenance(), "duration_s": time.perf_counter() - start},
       "kind": "target compile",
       "workload": spec.workload,
       "mode": spec.mode,

@@ -51,3 +51,32 @@ def forked_cli():
   server = forks.Server()
   yield server
   server.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def every_result_file_follows_the_schema(tmp_path_factory):
+  """After the session, every result.json the suite's runs wrote (under this process's temporary
+  folders) is validated against the package's JSON Schema, and is strict JSON."""
+  yield
+  import glob
+  import json
+  import jsonschema
+  from fathom_jax import results
+  with open(results.SCHEMA_FILE) as f:
+    validator = jsonschema.Draft202012Validator(json.load(f))
+  base = str(tmp_path_factory.getbasetemp())
+  problems = []
+  for path in glob.glob(os.path.join(base, "**", results.RESULT_FILE), recursive=True):
+    with open(path) as f:
+      text = f.read()
+    try:
+      record = json.loads(text, parse_constant=lambda name: _not_strict(name))
+    except ValueError as e:
+      problems.append(f"{path}: {e}")
+      continue
+    problems += [f"{path}: {e.json_path}: {e.message}" for e in validator.iter_errors(record)]
+  assert not problems, "result files that break the schema:\n" + "\n".join(problems[:20])
+
+
+def _not_strict(name):
+  raise ValueError(f"{name} is not strict JSON")

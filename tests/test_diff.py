@@ -153,9 +153,9 @@ def test_a_measured_run_against_a_static_target_estimate(two_programs, tmp_path)
   folder.mkdir()
   estimate = static.analyse(module, targets.get("h100").peaks("float32"))
   results.write_json_atomic(str(folder / static.STATIC_FILE), estimate)
-  results.write_json_atomic(str(folder / results.RESULT_FILE), {
-      "kind": "target compile", "workload": "memnet", "mode": "train",
-      "target": {"name": "h100"}})
+  record = results.read_result(two_programs["tuned"])
+  record.update(kind="target compile", target={"name": "h100"})
+  results.write_json_atomic(str(folder / results.RESULT_FILE), record)
   rows, table, _ = diff.run(two_programs["tuned"], str(folder), str(tmp_path / "out"))
   matched = {(r["table"], r["name"]): r for r in rows if r["matched"] == "both"}
   # The same model's components match across the CPU run and the GPU program; an estimate

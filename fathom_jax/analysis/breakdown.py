@@ -18,11 +18,12 @@ import bisect
 import collections
 import csv
 import dataclasses
-import json
+import io
 import os
 import statistics
 from typing import Iterable, Optional
 
+from fathom_jax import results
 from fathom_jax.analysis import categories, components, cost, hlo, trace, xprof_check
 from fathom_jax.errors import DataError
 
@@ -350,26 +351,26 @@ def write(result: Breakdown, output_dir: str, title: str = "") -> dict[str, str]
   os.makedirs(output_dir, exist_ok=True)
   paths = {name: os.path.join(output_dir, name) for name in (OPS_FILE, BREAKDOWN_FILE,
                                                              FIGURE_FILE)}
-  with open(paths[OPS_FILE], "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-    writer.writeheader()
-    for row in result.ops:
-      writer.writerow(row)
-  with open(os.path.join(output_dir, COMPONENT_FILE), "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=COMPONENT_FIELDS)
-    writer.writeheader()
-    for v in result.summary["by_component"].values():
-      writer.writerow({
+  results.write_text_atomic(paths[OPS_FILE], _csv_text(CSV_FIELDS, result.ops))
+  results.write_text_atomic(os.path.join(output_dir, COMPONENT_FILE), _csv_text(
+      COMPONENT_FIELDS, [{
           "component": v["component"], "pass": v["pass"],
           "time_per_step_ms": v["time_per_step_s"] * 1e3, "share_of_step": v["share_of_step"],
           "flops_per_step": v["flops_per_step"], "bytes_per_step": v["bytes_per_step"],
-          "classes": ";".join(f"{c}={t * 1e3:.6g}" for c, t in v["by_class_s"].items())})
+          "classes": ";".join(f"{c}={t * 1e3:.6g}" for c, t in v["by_class_s"].items())}
+          for v in result.summary["by_component"].values()]))
   paths[COMPONENT_FILE] = os.path.join(output_dir, COMPONENT_FILE)
-  with open(paths[BREAKDOWN_FILE], "w") as f:
-    json.dump(result.summary, f, indent=2)
-    f.write("\n")
+  results.write_json_atomic(paths[BREAKDOWN_FILE], result.summary)
   plot(result.summary, paths[FIGURE_FILE], title)
   return paths
+
+
+def _csv_text(fields: tuple, rows: list[dict]) -> str:
+  out = io.StringIO()
+  writer = csv.DictWriter(out, fieldnames=fields)
+  writer.writeheader()
+  writer.writerows(rows)
+  return out.getvalue()
 
 
 def format_table(summary: dict, title: str = "", top_components: int = 10) -> str:
@@ -430,7 +431,7 @@ def plot(summary: dict, path: str, title: str = "") -> None:
   axes[1].set_xlabel("% of step time")
   fig.suptitle(title or "op breakdown", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+  results.save_figure(fig, path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 

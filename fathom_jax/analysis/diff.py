@@ -296,10 +296,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
   ax.set_xlabel("B - A, ms per step (95% interval; red: excludes zero)")
   ax.set_title(title, fontsize=9)
   fig.tight_layout()
-  tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
+  results.save_figure(fig, path, dpi=110)
   plt.close(fig)
-  os.replace(tmp, path)
 
 
 def run(path_a: str, path_b: str, output_dir: str,

@@ -5,6 +5,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from fathom_jax import results
 from fathom_jax.analysis import categories
 
 
@@ -58,5 +59,5 @@ def plot(points: Sequence[dict], peak_flops: float, peak_bytes: float, path: str
   ax.set_title(title, fontsize=10)
   ax.legend(fontsize=7, loc="lower right")
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  results.save_figure(fig, path, dpi=110)
   plt.close(fig)

@@ -5,6 +5,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from fathom_jax import results
+
 
 def class_vectors(shares: Mapping[str, Mapping[str, float]],
                   classes: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -50,5 +52,5 @@ def plot_dendrogram(names: Sequence[str], vectors: np.ndarray, path: str, title:
     ax.set_axis_off()
   ax.set_title(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  results.save_figure(fig, path, dpi=110)
   plt.close(fig)

@@ -9,6 +9,7 @@ Each section uses the points that finished; missing or failed ones are listed, n
 import csv
 import dataclasses
 import glob
+import io
 import json
 import os
 from typing import Optional
@@ -127,10 +128,11 @@ def _breakdown(run_dir: str) -> tuple[Optional[dict], Optional[list]]:
 def _write_csv(path: str, rows: list[dict]) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   fields = list(dict.fromkeys(k for r in rows for k in r))
-  with open(path, "w", newline="") as f:
-    writer = csv.DictWriter(f, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
+  out = io.StringIO()
+  writer = csv.DictWriter(out, fieldnames=fields)
+  writer.writeheader()
+  writer.writerows(rows)
+  results.write_text_atomic(path, out.getvalue())
 
 
 def _fmt(value) -> str:
@@ -522,7 +524,7 @@ def plot_class_bars(panels: list[tuple[str, list[str], list[dict]]], path: str, 
              frameon=False)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+  results.save_figure(fig, path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 
@@ -549,7 +551,7 @@ def plot_scaling(rows: list[dict], x: str, path: str, title: str,
   ax.set_title(title, fontsize=10)
   ax.legend(fontsize=7, ncol=2)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  results.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -571,7 +573,7 @@ def plot_devices(rows: list[dict], path: str, title: str) -> None:
   a.legend(fontsize=7, ncol=2)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  results.save_figure(fig, path, dpi=110)
   plt.close(fig)
 
 
@@ -604,7 +606,7 @@ def plot_fusion(rows: list[dict], path: str, title: str) -> None:
   b.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
   fig.suptitle(title, fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=110, bbox_inches="tight")
+  results.save_figure(fig, path, dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 
