@@ -8,6 +8,7 @@ from absl import app, flags
 
 from fathom_jax import host_memory, native_logs
 from fathom_jax.errors import RunFailed, UsageError
+from fathom_jax import flagparse
 from fathom_jax.flagparse import parse_flags
 
 FLAGS = flags.FLAGS
@@ -118,6 +119,19 @@ def _start_backends() -> None:
     except (ValueError, RuntimeError) as e:
       raise UsageError(f"cannot join the multi-host run: {str(e).splitlines()[0]}") from None
   native_logs.start_backends()
+
+
+flagparse.set_help(
+    "usage: python run.py --workload=NAME[,NAME...] [flags]  (also: fathom-jax run)", [
+        ("workload", ["workload", "preset", "mode", "batch_size", "override", "dtype", "data",
+                      "bad_samples", "seed", "implementation"]),
+        ("execution", ["backend", "steps", "warmup_steps", "execution", "num_devices",
+                       "cpu_devices", "cpus", "host_memory", "huge_pages", "allow_nonfinite",
+                       "target"]),
+        ("multi-host", ["distributed", "coordinator_address", "num_processes", "process_id"]),
+        ("profiling", ["profile", "component_depth"]),
+        ("output", ["output_dir", "quiet"]),
+    ])
 
 
 def specs_from_flags() -> list:

@@ -1,12 +1,73 @@
-"""absl flag parsing for the command lines (run.py, the study): a bad flag is one line on stderr
-and exit status 2, not absl's usage dump."""
+"""Flag parsing for the command lines (run.py and the study with absl, the analysis and peaks
+commands with argparse): a bad flag is one line on stderr and exit status 2, not a usage dump;
+--help lists a command's flags in groups."""
 
+import argparse
+import os
+import re
 import sys
 
 from absl import flags
 
 
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse, with a bad argument as one line on stderr and exit status 2."""
+
+  def error(self, message):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+_HELP: dict = {}  # the command's usage line and flag groups, set by the command's module
+HELP_FLAGS = ("-h", "--help", "-?", "--helpshort")
+
+
+def set_help(usage: str, groups: list[tuple[str, list[str]]]) -> None:
+  """What --help prints: `usage`, then each group's flags with defaults and descriptions."""
+  _HELP.update(usage=usage, groups=groups)
+
+
+def _first_sentence(text: str, width: int) -> str:
+  text = " ".join(text.split())
+  end = text.find(". ")
+  text = text if end < 0 else text[:end + 1]
+  return text if len(text) <= width else text[:width - 3].rstrip() + "..."
+
+
+def format_help() -> str:
+  lines = [_HELP["usage"], ""]
+  for title, names in _HELP["groups"]:
+    lines.append(f"{title}:")
+    for name in names:
+      flag = flags.FLAGS[name]
+      text = re.sub(r"^<[^>]*>: ", "", flag.help).replace(
+          ";\n    repeat this option to specify a list of values", "")
+      text = re.sub(r";\s*repeat this option to specify a list of values", " (repeatable)", text)
+      default = flag.default_as_str.strip("'") if flag.default not in (None, []) else ""
+      head = f"  --{name}" + (f"={default}" if default else "")
+      choices = getattr(flag.parser, "enum_values", None)
+      if choices:
+        text = f"{'|'.join(choices)}: {text}"
+      lines.append(f"{head:<30s} {_first_sentence(text, 80)}" if len(head) < 30 else
+                   f"{head}\n{'':<30s} {_first_sentence(text, 80)}")
+    lines.append("")
+  lines.append("--helpfull lists every flag, absl's included.")
+  return "\n".join(lines)
+
+
+def print_and_exit(text: str, status: int = 0) -> None:
+  """Prints `text` and exits; a reader that stops early (`| head`) is no error."""
+  try:
+    print(text)
+    sys.stdout.flush()
+  except BrokenPipeError:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  sys.exit(status)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
+  if _HELP and any(a in HELP_FLAGS for a in argv[1:]):
+    print_and_exit(format_help())
   try:
     rest = flags.FLAGS(argv)
   except flags.Error as e:

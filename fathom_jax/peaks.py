@@ -6,13 +6,14 @@ a datasheet: on a shared or throttled machine the datasheet is not what a progra
   python -m fathom_jax.peaks [--backend=cpu] [--dtype=float32] [--output=peaks.json]
 """
 
-import argparse
 import sys
 import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from fathom_jax import flagparse
 
 
 def _best_time(f: Callable, *args, repeats: int) -> float:
@@ -48,7 +49,7 @@ def measure(device, dtype: str = "float32") -> dict:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m fathom_jax.peaks", description=__doc__)
+  parser = flagparse.ArgumentParser(prog="python -m fathom_jax.peaks", description=__doc__)
   parser.add_argument("--backend", choices=("cpu", "gpu", "tpu"), default=None)
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--output", default=None, help="write the figures here as JSON")

@@ -11,11 +11,11 @@ given with --hlo serve where it does not. The diff compares two runs of one work
 (fathom_jax.analysis.diff). Bad input: one line on stderr, exit status 2.
 """
 
-import argparse
 import glob
 import os
 import sys
 
+from fathom_jax import flagparse
 from fathom_jax.errors import UsageError
 
 HLO_PATTERNS = ("*.optimized.hlo.txt", "*after_optimizations.txt")
@@ -28,14 +28,8 @@ def hlo_beside(trace_dir: str) -> list[str]:
                 for p in glob.glob(os.path.join(trace_dir, "**", pattern), recursive=True))
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv=None) -> int:
-  parser = _Parser(prog="python -m fathom_jax.analysis",
+  parser = flagparse.ArgumentParser(prog="python -m fathom_jax.analysis",
                    description="Op-category breakdown of a JAX profiler trace.")
   sub = parser.add_subparsers(dest="command", required=True)
   cmd = sub.add_parser("breakdown", help="ops.csv, breakdown.json, breakdown.png and a table")

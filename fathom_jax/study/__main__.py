@@ -43,6 +43,16 @@ flags.DEFINE_integer("run_timeout_s", 3600, "Longest one run may take before it 
 flags.DEFINE_bool("report_only", False, "Rebuild the report from the runs present; run nothing.")
 
 
+flagparse.set_help(
+    "usage: python -m fathom_jax.study --workloads=all [flags]  (also: fathom-jax study)", [
+        ("what", ["workloads", "preset", "steps", "warmup_steps", "backend", "implementation"]),
+        ("sections", ["fusion_workloads", "thread_workloads", "thread_counts",
+                      "device_workloads", "device_counts", "implementation_workloads",
+                      "targets"]),
+        ("output", ["output_dir", "report_only", "run_timeout_s"]),
+    ])
+
+
 def _subset(value: str, suite: list[str], flag: str) -> tuple[str, ...]:
   from fathom_jax.workloads import registry
   if value.strip() == "none":
