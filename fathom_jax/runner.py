@@ -144,6 +144,12 @@ def _peak_device_memory(device) -> Optional[int]:
   return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))) or None
 
 
+def _duration(seconds: float) -> str:
+  if seconds < 120:
+    return f"{seconds:.0f} s"
+  return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
 class _Printer:
   def __init__(self, prefix: str, quiet: bool):
     self.prefix, self.quiet = prefix, quiet
@@ -305,6 +311,7 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
     variables_shape = with_sharding(jax.eval_shape(model.init, key_shape, batch_shape))
     step_fn = jax.jit(model_steps.make_infer_step(model))
     args_shape = (variables_shape, batch_shape, key_shape)
+  say(f"compiling the {'train' if train else 'inference'} step")
   t0 = time.perf_counter()
   lowered = step_fn.lower(*args_shape)
   t1 = time.perf_counter()
@@ -325,10 +332,14 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
   if available is not None and needed > available:
     raise _out_of_memory(spec, batch_size, needed, available)
 
+  t0 = time.perf_counter()
   batches = _batches(source, batch_size, spec.seed, train)
   put = placement_lib.placer(source, placement)
-  first = put(next(batches))
+  first = _block(put(next(batches)))
   _check_batch(first, batch_shape, spec.workload)
+  figures["data_time_s"] = time.perf_counter() - t0
+  say(f"first batch ready in {figures['data_time_s']:.2f} s")
+  t0 = time.perf_counter()
   # Keys are made inside jit: a host-side key cannot be placed on other hosts' devices.
   make_key = jax.jit(lambda: jax.random.key(spec.seed), out_shardings=replicated)
   if train:
@@ -340,6 +351,10 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
     variables = compiling.run_once(model.init, rng, first, platform=device.platform,
                                    out_shardings=replicated)
     infer_rng = jax.jit(lambda k: jax.random.fold_in(k, 1), out_shardings=replicated)(rng)
+  _block(state if train else variables)
+  figures["init_time_s"] = time.perf_counter() - t0
+  say(f"{'train state' if train else 'parameters'} initialised in "
+      f"{figures['init_time_s']:.2f} s")
 
   call = compiled
   if spec.execution == "eager":
@@ -382,7 +397,10 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
         last_log = now
         tag = "warm-up " if warm else ""
         loss_text = f" loss {loss:.4f}" if train else ""
-        say(f"{tag}step {i + 1}/{total}{loss_text} {elapsed * 1e3:.1f} ms")
+        timed = figures["step_times_s"]
+        remaining = np.median(timed) * (total - i - 1) if timed else 0.0
+        left = f", about {_duration(remaining)} left" if remaining >= 1 else ""
+        say(f"{tag}step {i + 1}/{total}{loss_text} {elapsed * 1e3:.1f} ms{left}")
   if spec.profile:  # the same number of steps again, traced; see fathom_jax.profiling
     from fathom_jax import profiling
 

@@ -55,6 +55,12 @@ def test_tiny_run_writes_valid_result(tmp_path, forked_cli):
   assert f["step_time_s"]["p10"] <= f["step_time_s"]["median"] <= f["step_time_s"]["p90"]
   assert f["compile_time_s"] > 0 and f["flops_per_step"] > 0 and f["examples_per_s"] > 0
   assert "step time" in proc.stdout and "compile" in proc.stdout
+  # Each phase says what it is doing and how long it took, before the steps.
+  for phase in ("compiling the train step", "compiled in", "first batch ready in",
+                "train state initialised in", "compiling the inference step",
+                "parameters initialised in"):
+    assert phase in proc.stdout, phase
+  assert f["data_time_s"] > 0 and f["init_time_s"] > 0
   assert not [n for d in run_dirs for n in os.listdir(out / d) if n.startswith(".tmp")]
 
 

@@ -39,8 +39,12 @@ def _csv(folder, name):
 
 
 def test_every_point_completes_and_the_report_has_every_section(finished):
-  folder, outcomes, _ = finished
+  folder, outcomes, lines = finished
   assert len(outcomes) == len(study.plan(SETTINGS)) == 12
+  # One line per point, with what is left: 11 runs (one point reads another's).
+  progress = [l for l in lines if l.startswith("[")]
+  assert len(progress) == 12 and "; 10 to run, about " in progress[0]
+  assert "to run" not in progress[-1]
   assert {o["status"] for o in outcomes.values()} == {"completed"}, outcomes
   with open(os.path.join(folder, report.REPORT_FILE)) as f:
     text = f.read()

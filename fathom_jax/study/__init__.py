@@ -261,6 +261,18 @@ def execute(output_dir: str, settings: Settings, argv: Sequence[str], timeout_s:
   run_peaks(output_dir, settings)
   measuring = measuring_points(settings)
   outcomes = {}
+  spent: list[float] = []  # seconds of each point run by this call
+
+  def left(i: int) -> str:
+    """The time the points after the i-th will take at the mean pace so far."""
+    todo = sum(1 for p in points[i + 1:] if measuring[p.id] == p.id
+               and point_outcome(point_dir(output_dir, p.id)) is None)
+    if not spent or not todo:
+      return ""
+    seconds = sum(spent) / len(spent) * todo
+    return (f"; {todo} to run, about "
+            + (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min") + " left")
+
   for i, point in enumerate(points):
     if measuring[point.id] != point.id:
       outcomes[point.id] = outcome = outcomes[measuring[point.id]]
@@ -273,9 +285,10 @@ def execute(output_dir: str, settings: Settings, argv: Sequence[str], timeout_s:
     else:
       start = time.perf_counter()
       outcome = run_point(output_dir, point, settings, timeout_s)
+      spent.append(time.perf_counter() - start)
       error = f": {outcome['error']}" if outcome["status"] != "completed" else ""
       say(f"[{i + 1}/{len(points)}] {point.id}: {outcome['status']} in "
-          f"{time.perf_counter() - start:.1f} s{error}")
+          f"{spent[-1]:.1f} s{error}{left(i)}")
     outcomes[point.id] = outcome
   from fathom_jax.study import report
   path = report.build(output_dir)
