@@ -268,6 +268,10 @@ def analyse(traces: list[trace.Trace], programs: dict[str, Program], top: int = 
       "top_ops": [{k: r[k] for k in ("program", "name", "xla_category", "fathom_class",
                                      "total_time_us", "occurrences", "source")}
                   | {"share_of_step": r["total_time_us"] * 1e3 / wall} for r in rows[:top]],
+      # How the optimizer's update was recognised: instructions of the executed programs
+      # found by the optimization scope, or by their source file in optax (no scope).
+      "optimization_found_by": _optimization_evidence(
+          [programs[k] for k in step_programs if k in programs]),
       "component_depth": component_depth,
       "by_component": _component_table(by_component, n_steps, wall),
       "by_scope": {v["component"]: v for v in _component_table(by_scope, n_steps, wall).values()},
@@ -292,6 +296,18 @@ def _component_table(table: dict, n_steps: int, wall: float) -> dict:
           "bytes_per_step": v["bytes"] / n_steps,
           "by_class_s": {c: t / 1e9 / n_steps for c, t in v["classes"].most_common()}}
       for (comp, pass_), v in sorted(table.items(), key=lambda kv: -kv[1]["ns"])}
+
+
+def _optimization_evidence(executed: list[Program]) -> dict:
+  found = collections.Counter()
+  for program in executed:
+    for computation in program.module.computations.values():
+      for inst in computation.instructions:
+        evidence = categories.optimization_evidence(inst)
+        if evidence:
+          found[evidence] += 1
+  return {"scope fathom.optimization": found["scope"],
+          "source file in optax": found["optax source"]}
 
 
 class _Samples:
@@ -390,6 +406,10 @@ def format_table(summary: dict, title: str = "", top_components: int = 10) -> st
     lines.append(f"  {'(not covered by ops)':<28s} "
                  f"{(1 - summary['coverage']) * summary['step_time_s'] * 1e3:10.3f} "
                  f"{(1 - summary['coverage']) * 100:9.1f}%")
+  found = {how: n for how, n in (summary.get("optimization_found_by") or {}).items() if n}
+  if found and "optimization" in summary["by_class"]:
+    lines.append("  optimization found by: " + ", ".join(
+        f"{how} ({n} instructions)" for how, n in found.items()))
   shown = list(summary.get("by_component", {}).values())[:top_components]
   if shown:
     depth = summary.get("component_depth")

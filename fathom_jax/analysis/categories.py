@@ -12,7 +12,9 @@
    an update is optimization, a draw random sampling, matmuls a convolution, a convolution a
    matrix product; the innermost wins), and random sampling also by a random-bits primitive
    (threefry2x32, random_bits, rng_bit_generator) or one of jax.random's samplers (jit(_uniform),
-   jit(_bernoulli), jit(_normal), ...: dropout masks included) in the op_name.
+   jit(_bernoulli), jit(_normal), ...: dropout masks included) in the op_name. A parameter
+   update written with optax and no scope (any flax/optax training loop) is found by its source:
+   an op whose source file lies in the optax package, its losses apart, is optimization.
 
 A fusion's time is split among the classes of its body by the cost rule (`COST_RULE`).
 """
@@ -50,6 +52,8 @@ SCOPE_CLASSES = {scopes.OPTIMIZATION: OPTIMIZATION, scopes.RANDOM: RANDOM,
                  scopes.CONVOLUTION: CONVOLUTION, scopes.MATRIX: MATRIX}
 # The random-bits primitives and jax.random's own jitted samplers, as op_names show them
 # (dropout's mask comes from jit(_bernoulli)/jit(_uniform), in no scope of ours).
+# An op traced inside optax (its update rules, not its loss functions).
+OPTAX_UPDATE_SOURCE = re.compile(r"[/\\]optax[/\\](?!losses[/\\]|_src[/\\]loss\.py)")
 RANDOM_OP_NAMES = re.compile(
     r"threefry|random_bits|rng_bit_generator|rng-bit-generator|"
     r"random_split|random_fold_in|random_seed|jit\(_(uniform|normal|normal_real|bernoulli|"
@@ -161,6 +165,8 @@ def fathom_class(inst: hlo.Instruction) -> str:
   scope = scopes.innermost(inst.op_name)
   if scope is not None:
     return SCOPE_CLASSES[scope]
+  if OPTAX_UPDATE_SOURCE.search(inst.source_file or ""):
+    return OPTIMIZATION
   if op in _RANDOM_OPS or RANDOM_OP_NAMES.search(inst.op_name or ""):
     return RANDOM
   library = library_kind(inst)
@@ -179,6 +185,15 @@ def fathom_class(inst: hlo.Instruction) -> str:
   if op == "custom-call" and inst.custom_call_target in _TPU_DATA_MOVEMENT_CALLS:
     return DATA_MOVEMENT
   return OTHER
+
+
+def optimization_evidence(inst: hlo.Instruction) -> Optional[str]:
+  """How an instruction was found to be optimization: 'scope' or 'optax source'; None if not."""
+  if scopes.innermost(inst.op_name) == scopes.OPTIMIZATION:
+    return "scope"
+  if scopes.innermost(inst.op_name) is None and OPTAX_UPDATE_SOURCE.search(inst.source_file or ""):
+    return "optax source"
+  return None
 
 
 def work(inst: hlo.Instruction, model: cost.CostModel) -> float:
