@@ -2,12 +2,12 @@
 exit status 2."""
 
 import logging
-import sys
 
 from absl import app, flags
 
 from fathom_jax import host_memory, native_logs
-from fathom_jax.errors import RunFailed, UsageError
+from fathom_jax import errors
+from fathom_jax.errors import UsageError
 from fathom_jax import flagparse
 from fathom_jax.flagparse import parse_flags
 
@@ -34,6 +34,9 @@ flags.DEFINE_bool("profile", False,
 flags.DEFINE_string("component_depth", "layer",
                     "With --profile: the breakdown's model components, by the first N names of "
                     "their op_name path: model, block, layer, full or N.")
+flags.DEFINE_bool("debug", False,
+                  "Show the traceback of an unexpected error (also FATHOM_JAX_DEBUG=1); without "
+                  "it, every failure is one line.")
 flags.DEFINE_bool("allow_nonfinite", False,
                   "Keep running past a NaN or infinite loss (default: stop the run, record it as "
                   "failed, exit 1).")
@@ -96,14 +99,29 @@ def _keep_host_memory() -> bool:
   return host_memory.wanted(FLAGS.host_memory, workloads, FLAGS.preset)
 
 
+MAX_CPU_DEVICES = 256  # virtual devices of one host: beyond this XLA spends minutes creating them
+
+
+def check_flags() -> None:
+  """What can be checked before JAX starts: ranges, addresses, the output folder."""
+  if FLAGS.cpu_devices is not None and not 0 < FLAGS.cpu_devices <= MAX_CPU_DEVICES:
+    raise UsageError(f"--cpu_devices must be in [1, {MAX_CPU_DEVICES}], got {FLAGS.cpu_devices}")
+  for name in ("num_processes", "num_devices"):
+    value = getattr(FLAGS, name)
+    if value is not None and not 0 < value <= 2**20:
+      raise UsageError(f"--{name} must be in [1, {2**20}], got {value}")
+  if FLAGS.coordinator_address is not None:
+    flagparse.check_coordinator_address(FLAGS.coordinator_address)
+  if FLAGS.output_dir:
+    flagparse.check_output_dir(FLAGS.output_dir)
+
+
 def _start_backends() -> None:
   """Settings that must precede JAX's first use of a backend."""
   import jax
   from fathom_jax import environment
   environment.skip_absent_accelerators()
   if FLAGS.cpu_devices is not None:
-    if FLAGS.cpu_devices < 1:
-      raise UsageError(f"--cpu_devices must be positive, got {FLAGS.cpu_devices}")
     jax.config.update("jax_num_cpu_devices", FLAGS.cpu_devices)
   multi_host = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   if FLAGS.distributed or any(v is not None for v in multi_host):
@@ -130,7 +148,7 @@ flagparse.set_help(
                        "target"]),
         ("multi-host", ["distributed", "coordinator_address", "num_processes", "process_id"]),
         ("profiling", ["profile", "component_depth"]),
-        ("output", ["output_dir", "quiet"]),
+        ("output", ["output_dir", "quiet", "debug"]),
     ])
 
 
@@ -155,18 +173,16 @@ def main(argv: list[str]) -> None:
   del argv  # parse_flags rejects positional arguments
   # JAX logs each backend it fails to find (e.g. no libtpu) at INFO; that is not news to a user.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-  if FLAGS.huge_pages:
-    host_memory.restart_with_huge_pages()
-  native_logs.import_jax()
-  if _keep_host_memory():
-    host_memory.keep_freed_memory()
-  try:
+  with errors.one_line_errors(debug=FLAGS.debug,
+                              interrupted="the result file records the steps that finished"):
+    check_flags()
+    if FLAGS.huge_pages:
+      host_memory.restart_with_huge_pages()
+    native_logs.import_jax()
+    if _keep_host_memory():
+      host_memory.keep_freed_memory()
     if FLAGS.cpus is not None:
       _pin_cpus(FLAGS.cpus)
-  except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  try:
     if FLAGS.target is not None:
       _compile_for_target()
       return
@@ -182,16 +198,6 @@ def main(argv: list[str]) -> None:
       record = runner.execute(spec, res)
       if jax.process_index() == 0:
         print(results.format_summary(record), flush=True)
-  except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except RunFailed as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except KeyboardInterrupt:
-    print("interrupted" if FLAGS.target is not None else
-          "interrupted: the result file records the steps that finished", file=sys.stderr)
-    sys.exit(130)
 
 
 def _compile_for_target() -> None:

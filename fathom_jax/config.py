@@ -1,6 +1,7 @@
 """Config presets and command-line overrides for frozen config dataclasses."""
 
 import dataclasses
+import math
 import typing
 from typing import Any, Mapping, Sequence
 
@@ -73,6 +74,9 @@ def replace(config, **changes):
   return new
 
 
+MAX_INT_FIELD = 2**31 - 1  # sizes, counts and lengths: XLA dimensions beyond it fail slowly
+
+
 def validate(config) -> None:
   """Rejects non-positive sizes: every int field must be > 0 unless its name says it may be 0."""
   for f in dataclasses.fields(config):
@@ -84,6 +88,9 @@ def validate(config) -> None:
       allows_zero = f.metadata.get("allow_zero", False)
       if v < 0 or (v == 0 and not allows_zero):
         raise UsageError(f"config field {f.name!r} must be positive, got {value!r}")
+      if isinstance(v, int) and v > MAX_INT_FIELD or isinstance(v, float) and not math.isfinite(v):
+        raise UsageError(f"config field {f.name!r} must be a finite number of at most "
+                         f"{MAX_INT_FIELD:,}, got {value!r}")
   check = getattr(config, "check", None)
   if check is not None:
     check()

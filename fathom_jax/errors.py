@@ -1,4 +1,18 @@
-"""Errors that the command line reports as one line and exit status 2."""
+"""Errors, and the one way every command reports them.
+
+Exit statuses: 0 done; 1 the environment failed (a full disk, no permission, out of memory, a
+run that could not finish); 2 the user's input was wrong (a flag, a path, a file's format);
+130 interrupted by Ctrl-C; 143 terminated by SIGTERM. Each failure is one line on stderr;
+`--debug` or FATHOM_JAX_DEBUG=1 shows the traceback of an unexpected one.
+"""
+
+import contextlib
+import errno
+import os
+import signal
+import sys
+import threading
+import traceback
 
 
 class UsageError(Exception):
@@ -12,3 +26,72 @@ class DataError(UsageError):
 class RunFailed(Exception):
   """A run that started but could not finish: a non-finite loss, memory exhausted. The result
   file records it as failed; the command line exits 1."""
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM, handled as Ctrl-C is (an interrupted result), with its own exit status."""
+
+
+EXIT_ENVIRONMENT, EXIT_USAGE, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
+
+# Errors of the machine, not of the input: named for what they are.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large for this file system or its limit",
+    errno.EACCES: "permission denied", errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system", errno.EIO: "input/output error",
+    errno.ENOMEM: "out of memory",
+}
+
+
+def describe_os_error(e: OSError) -> str:
+  cause = _ENVIRONMENT_ERRNOS.get(e.errno) or (e.strerror or type(e).__name__).lower()
+  where = f" writing {e.filename}" if e.filename else ""
+  return f"{cause}{where}"
+
+
+def debugging(flag: bool = False) -> bool:
+  return flag or os.environ.get("FATHOM_JAX_DEBUG", "") not in ("", "0")
+
+
+def _raise_terminated(signum, frame):
+  raise Terminated
+
+
+@contextlib.contextmanager
+def one_line_errors(debug: bool = False, interrupted: str = ""):
+  """Runs a command's body; any failure leaves as one line on stderr and its exit status. SIGTERM
+  is raised as `Terminated` (a KeyboardInterrupt), so that it ends a run as Ctrl-C does."""
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, _raise_terminated)
+  try:
+    yield
+  except UsageError as e:
+    _exit(f"error: {e}", EXIT_USAGE)
+  except RunFailed as e:
+    _exit(f"error: {e}", EXIT_ENVIRONMENT)
+  except Terminated:
+    _exit("terminated" + (f": {interrupted}" if interrupted else ""), EXIT_TERMINATED)
+  except KeyboardInterrupt:
+    _exit("interrupted" + (f": {interrupted}" if interrupted else ""), EXIT_INTERRUPTED)
+  except MemoryError:
+    _exit("error: out of memory", EXIT_ENVIRONMENT)
+  except OSError as e:
+    if debugging(debug):
+      traceback.print_exc()
+    _exit(f"error: {describe_os_error(e)}", EXIT_ENVIRONMENT)
+  except Exception as e:  # a bug, or a failure no one foresaw: still one line, unless asked
+    if debugging(debug):
+      traceback.print_exc()
+    first = (str(e).splitlines() or [""])[0]
+    _exit(f"error: {type(e).__name__}: {first} (--debug or FATHOM_JAX_DEBUG=1 shows the "
+          "traceback)", EXIT_ENVIRONMENT)
+
+
+def _exit(message: str, status: int) -> None:
+  try:
+    sys.stdout.flush()
+  except (OSError, ValueError):
+    pass
+  print(message, file=sys.stderr, flush=True)
+  sys.exit(status)

@@ -6,8 +6,11 @@ import argparse
 import os
 import re
 import sys
+import tempfile
 
 from absl import flags
+
+from fathom_jax.errors import UsageError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -78,3 +81,31 @@ def parse_flags(argv: list[str]) -> list[str]:
           file=sys.stderr)
     sys.exit(2)
   return rest
+
+
+def check_coordinator_address(address: str) -> None:
+  """host:port, [IPv6]:port; the port in 1..65535."""
+  host, sep, port = address.rpartition(":")
+  if not sep or not host or host in ("[", "[]") or not port.isdigit() or not 0 < int(port) < 65536:
+    raise UsageError(f"--coordinator_address must be host:port with a port in 1..65535, got "
+                     f"{address!r}")
+
+
+def check_output_dir(path: str, flag: str = "output_dir") -> None:
+  """The folder exists and takes files, or can be made: tried in its nearest existing folder, so
+  that nothing is left behind when a later check fails."""
+  if not path:
+    raise UsageError(f"--{flag} is empty")
+  target = os.path.abspath(path)
+  if os.path.exists(target) and not os.path.isdir(target):
+    raise UsageError(f"--{flag} {path} is a file, not a folder")
+  existing = target
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise UsageError(f"--{flag} {path} lies under {existing}, which is a file")
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix=".fathom-jax-check-", dir=existing))
+  except OSError as e:
+    raise UsageError(f"--{flag} {path} cannot be written: {e.strerror.lower()} "
+                     f"({existing})") from None

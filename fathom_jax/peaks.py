@@ -6,6 +6,7 @@ a datasheet: on a shared or throttled machine the datasheet is not what a progra
   python -m fathom_jax.peaks [--backend=cpu] [--dtype=float32] [--output=peaks.json]
 """
 
+import os
 import sys
 import time
 from typing import Callable
@@ -54,16 +55,17 @@ def main(argv=None) -> int:
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   parser.add_argument("--output", default=None, help="write the figures here as JSON")
   args = parser.parse_args(argv)
-  from fathom_jax import environment, results
-  from fathom_jax.errors import UsageError
-  try:
+  from fathom_jax import environment, errors, results
+  with errors.one_line_errors():
+    if args.output:
+      folder = os.path.dirname(os.path.abspath(args.output))
+      if os.path.isdir(args.output):
+        raise errors.UsageError(f"--output {args.output} is a folder; give a file name")
+      flagparse.check_output_dir(folder, "output")
     devices = environment.select_devices(args.backend)
-  except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  figures = measure(devices[0], args.dtype)
-  if args.output:
-    results.write_json_atomic(args.output, figures)
+    figures = measure(devices[0], args.dtype)
+    if args.output:
+      results.write_json_atomic(args.output, figures)
   print(f"matmul {figures['matmul_flops_per_s'] / 1e9:.1f} GFLOP/s ({args.dtype}), "
         f"copy {figures['copy_bytes_per_s'] / 1e9:.1f} GB/s on {figures['device_kind']}")
   return 0

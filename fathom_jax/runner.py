@@ -19,6 +19,7 @@ from fathom_jax import config as config_lib
 from fathom_jax import data as data_lib
 from fathom_jax import environment, model_steps, results, tuned
 from fathom_jax import placement as placement_lib
+from fathom_jax import errors
 from fathom_jax.errors import RunFailed, UsageError
 from fathom_jax.workloads import base, registry
 
@@ -67,6 +68,10 @@ class Resolved:
   options: Any = None  # the tuned implementation's options, where it has any
 
 
+MAX_STEPS = 10**9  # a billion steps: beyond any run, and far below what overflows a counter
+MAX_BATCH = 2**31 - 1  # XLA's shapes are 64-bit, but no step holds more examples than this
+
+
 def resolve(spec: RunSpec, platform: Optional[str] = None) -> Resolved:
   """The spec's workload, config, model and data; `platform` names the devices the program is
   for (default: those of spec.backend on this machine)."""
@@ -89,13 +94,18 @@ def resolve(spec: RunSpec, platform: Optional[str] = None) -> Resolved:
     if getattr(spec, name) < (1 if name == "steps" else 0):
       raise UsageError(f"--{name} must be {'positive' if name == 'steps' else '>= 0'}, "
                        f"got {getattr(spec, name)}")
+    if getattr(spec, name) > MAX_STEPS:
+      raise UsageError(f"--{name} must be at most {MAX_STEPS:,}, got {getattr(spec, name)}")
+  if not -2**63 <= spec.seed < 2**63:
+    raise UsageError(f"--seed must fit in 64 bits (between -2**63 and 2**63 - 1), got {spec.seed}")
   workload = registry.get(spec.workload)
   config = config_lib.preset(workload.presets, spec.preset, workload.name)
   config_overrides, option_overrides = tuned.split_overrides(workload.name, spec.overrides)
   config = config_lib.apply_overrides(config, config_overrides)
   if spec.batch_size is not None:
-    if spec.batch_size <= 0:
-      raise UsageError(f"--batch_size must be positive, got {spec.batch_size}")
+    if not 0 < spec.batch_size <= MAX_BATCH:
+      raise UsageError(f"--batch_size must be positive and at most {MAX_BATCH:,}, got "
+                       f"{spec.batch_size}")
     config = config_lib.replace(config, batch_size=spec.batch_size)
   elif spec.mode == "infer" and getattr(config, "infer_batch_size", None):
     # A config may infer at another batch than it trains (deepq acts on one state at a time).
@@ -365,10 +375,9 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
   batch = first
   log_every = max(1, total // 10)
   last_log = time.perf_counter()
-  with _interrupt_between_steps() as interrupted:
+  with _interrupt_between_steps() as raise_if_interrupted:
     for i in range(total):
-      if interrupted():
-        raise KeyboardInterrupt
+      raise_if_interrupted()
       if i > 0:
         if observe is not None:
           observe(state if train else variables)
@@ -428,22 +437,31 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
 
 @contextlib.contextmanager
 def _interrupt_between_steps():
-  """Ctrl-C during the measured loop takes effect between steps: a KeyboardInterrupt raised
-  inside a dispatch can leave the runtime's threads waiting at exit. A second Ctrl-C interrupts
-  at once. Yields a function that tells whether Ctrl-C was pressed."""
+  """Ctrl-C or SIGTERM during the measured loop takes effect between steps: an exception raised
+  inside a dispatch can leave the runtime's threads waiting at exit. A second signal interrupts
+  at once. Yields a function that raises the interruption a signal asked for, if one did."""
   if threading.current_thread() is not threading.main_thread():
-    yield lambda: False
+    yield lambda: None
     return
-  pressed = []
+  received = []
+
+  def interruption(signum):
+    return errors.Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
   def handler(signum, frame):
-    if pressed:
-      raise KeyboardInterrupt
-    pressed.append(signum)
-  previous = signal.signal(signal.SIGINT, handler)
+    if received:
+      raise interruption(signum)
+    received.append(signum)
+
+  def check():
+    if received:
+      raise interruption(received[0])
+
+  previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
   try:
-    yield lambda: bool(pressed)
+    yield check
   finally:
-    signal.signal(signal.SIGINT, previous)
+    for sig, handler_before in previous.items():
+      signal.signal(sig, handler_before)
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -71,15 +73,17 @@ def _wait_for(proc, text: str, timeout: float = 120) -> None:
   raise AssertionError(f"process ended before printing {text!r}: {proc.stderr.read()[-2000:]}")
 
 
-def test_ctrl_c_writes_an_interrupted_result(tmp_path):
+@pytest.mark.parametrize("sig, status, word", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_and_sigterm_write_an_interrupted_result(sig, status, word, tmp_path):
   proc = _popen("--workload=memnet", "--preset=tiny", "--steps=2000000", "--warmup_steps=1",
                 f"--output_dir={tmp_path}")
   _wait_for(proc, "step 2/")
   time.sleep(0.5)
-  proc.send_signal(signal.SIGINT)
+  proc.send_signal(sig)
   _, err = proc.communicate(timeout=60)
-  assert proc.returncode == 130, err
-  assert "Traceback" not in err and "interrupted" in err
+  assert proc.returncode == status, err
+  assert "Traceback" not in err and err.startswith(word) and err.count("\n") == 1, err
   record = _only_result(tmp_path)
   assert record["status"] == "interrupted"
   steps = record["figures"]["steps_completed"]

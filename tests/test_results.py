@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from fathom_jax import environment, results
+from tests import records
 
 
 def _strict_load(text):
@@ -58,19 +59,7 @@ def test_provenance_says_what_produced_a_result():
 def test_the_schema_refuses_what_a_script_could_not_trust():
   with open(results.SCHEMA_FILE) as f:
     validator = jsonschema.Draft202012Validator(json.load(f))
-  good = {
-      "schema_version": 1, "status": "completed", "workload": "memnet", "mode": "train",
-      "preset": "tiny", "implementation": "tuned", "example_unit": "questions",
-      "spec": {"workload": "memnet", "mode": "train", "preset": "tiny", "steps": 3, "seed": 0},
-      "config": {"batch_size": 8}, "data": {"kind": "synthetic"},
-      "provenance": {"fathom_jax": "0.1.0", "command": "python run.py --workload=memnet",
-                     "started_utc": "2026-12-07T23:00:00+00:00", "duration_s": 2.5},
-      "environment": {"python": "3.11.9", "platform": "Linux", "processor": "x", "cpu_count": 2,
-                      "jax": "0.10.2", "jaxlib": "0.10.2", "flax": "0.12.8", "optax": "0.2.8",
-                      "backend": "cpu", "device_kind": "cpu", "device_count": 1},
-      "parallelism": {"num_devices": 1, "per_device_batch": 8},
-      "figures": {"parameters": 10, "losses": [2.0, "NaN"], "step_times_s": [0.1, 0.2]},
-  }
+  good = records.valid_record()
   assert not list(validator.iter_errors(good))
   for change in ({"status": "done"}, {"provenance": {"fathom_jax": "0.1.0"}},
                  {"figures": {"parameters": 10, "losses": ["nan"]}},

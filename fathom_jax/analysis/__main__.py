@@ -16,7 +16,6 @@ import os
 import sys
 
 from fathom_jax import flagparse
-from fathom_jax.errors import UsageError
 
 HLO_PATTERNS = ("*.optimized.hlo.txt", "*after_optimizations.txt")
 
@@ -58,9 +57,12 @@ def main(argv=None) -> int:
     depth = components.depth_of(args.component_depth)
   except ValueError as e:
     parser.error(f"--component_depth: {e}")
-  if args.command == "diff":
-    return _diff(args, depth)
-  try:
+  from fathom_jax import errors
+  with errors.one_line_errors():
+    if args.command == "diff":
+      return _diff(args, depth)
+    if args.output_dir:
+      flagparse.check_output_dir(args.output_dir)
     hlo_files = args.hlo + hlo_beside(args.trace_dir)
     output_dir = args.output_dir or (args.trace_dir if os.path.isdir(args.trace_dir)
                                      else os.path.dirname(os.path.abspath(args.trace_dir)))
@@ -68,22 +70,16 @@ def main(argv=None) -> int:
         args.trace_dir, output_dir, hlo_files, args.title,
         stalled_step_factor=None if args.all_steps else breakdown.STALLED_STEP_FACTOR,
         component_depth=depth)
-  except UsageError as e:  # DataError included
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(breakdown.format_table(result.summary, args.title))
-  for path in paths.values():
-    print(f"  wrote {path}")
-  return 0
+    print(breakdown.format_table(result.summary, args.title))
+    for path in paths.values():
+      print(f"  wrote {path}")
+    return 0
 
 
 def _diff(args, depth) -> int:
   from fathom_jax.analysis import diff
-  try:
-    _, table, paths = diff.run(args.a, args.b, args.output_dir, depth)
-  except UsageError as e:  # DataError included
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  flagparse.check_output_dir(args.output_dir)
+  _, table, paths = diff.run(args.a, args.b, args.output_dir, depth)
   print(table)
   for path in paths.values():
     print(f"  wrote {path}")

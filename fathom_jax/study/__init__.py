@@ -14,6 +14,7 @@ command, runs only what is missing. The report (`fathom_jax.study.report`) is th
 `<output_dir>/report.md` with its figures and tables.
 """
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -21,6 +22,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +36,7 @@ RUNS_DIR = "runs"
 PEAKS_POINT = "peaks"
 POINT_FILE = "point.json"  # a point's outcome when its process wrote no result (bad input)
 LOG_FILE = "log.txt"
+LOCK_FILE = ".lock"
 FINISHED = ("completed", "failed")
 
 
@@ -161,10 +164,29 @@ def point_outcome(folder: str) -> Optional[dict]:
         record = json.load(f)
     except (OSError, ValueError):
       continue
-    if record.get("status") in FINISHED:
-      return {"status": record["status"], "run_dir": os.path.dirname(path),
-              "error": record.get("error")}
+    if not isinstance(record, dict) or record.get("status") not in FINISHED:
+      continue
+    run_dir = os.path.dirname(path)
+    if record["status"] == "completed" and not _analyses_readable(run_dir, record):
+      continue  # a damaged breakdown: the point runs again
+    return {"status": record["status"], "run_dir": run_dir, "error": record.get("error")}
   return None
+
+
+def _analyses_readable(run_dir: str, record: dict) -> bool:
+  """Whether the files a completed run's analyses left (breakdown.json of a profiled run,
+  static.json of a target compile) are whole JSON objects."""
+  from fathom_jax.analysis import breakdown, static
+  wanted = ([breakdown.BREAKDOWN_FILE] if (record.get("spec") or {}).get("profile") else []) + (
+      [static.STATIC_FILE] if record.get("kind") == "target compile" else [])
+  for name in wanted:
+    try:
+      with open(os.path.join(run_dir, name)) as f:
+        if not isinstance(json.load(f), dict):
+          return False
+    except (OSError, ValueError):
+      return False
+  return True
 
 
 def _command(arguments: list[str]) -> list[str]:
@@ -177,6 +199,42 @@ def _environment() -> dict:
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
   return env
+
+
+def _die_with_parent() -> None:
+  """In a point's process, before it starts: the kernel sends it SIGKILL when the study dies,
+  however the study dies (Linux; elsewhere the resumed study's lock check still holds)."""
+  try:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    pass
+
+
+@contextlib.contextmanager
+def locked(output_dir: str):
+  """The study folder, held by this process alone while it works in it: a second study on the
+  same folder is refused (the lock goes with the process, however it ends)."""
+  import fcntl
+  path = os.path.join(output_dir, LOCK_FILE)
+  handle = open(path, "a+")
+  try:
+    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except OSError:
+    handle.seek(0)
+    holder = handle.read().strip() or "another process"
+    handle.close()
+    raise UsageError(f"{output_dir} is in use by another study ({holder}); wait for it to end, "
+                     "or choose another --output_dir") from None
+  try:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}\n")
+    handle.flush()
+    yield
+  finally:
+    handle.close()
 
 
 def shown(arguments: list[str]) -> str:
@@ -194,7 +252,7 @@ def run_point(output_dir: str, point: Point, settings: Settings, timeout_s: floa
     log.flush()
     try:
       proc = subprocess.run(_command(arguments), stdout=log, stderr=subprocess.STDOUT,
-                            timeout=timeout_s, env=_environment())
+                            timeout=timeout_s, env=_environment(), preexec_fn=_die_with_parent)
       code = proc.returncode
     except subprocess.TimeoutExpired:
       code = None
@@ -216,18 +274,27 @@ def run_point(output_dir: str, point: Point, settings: Settings, timeout_s: floa
   return outcome
 
 
+def _read_peaks(path: str) -> Optional[dict]:
+  try:
+    with open(path) as f:
+      peaks = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return peaks if isinstance(peaks, dict) and "matmul_flops_per_s" in peaks else None
+
+
 def run_peaks(output_dir: str, settings: Settings) -> dict:
   path = os.path.join(output_dir, RUNS_DIR, PEAKS_POINT, "peaks.json")
-  if not os.path.exists(path):
+  if _read_peaks(path) is None:  # never measured, or damaged
     os.makedirs(os.path.dirname(path), exist_ok=True)
     args = ["--output", path] + (["--backend", settings.backend] if settings.backend else [])
     proc = subprocess.run([sys.executable, "-m", "fathom_jax.peaks", *args],
-                          capture_output=True, text=True, env=_environment())
+                          capture_output=True, text=True, env=_environment(),
+                          preexec_fn=_die_with_parent)
     if proc.returncode != 0:
       raise UsageError(f"measuring the machine's peaks failed: "
                        f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
-  with open(path) as f:
-    return json.load(f)
+  return _read_peaks(path)
 
 
 def _check_settings(output_dir: str, settings: Settings) -> None:
@@ -251,6 +318,12 @@ def execute(output_dir: str, settings: Settings, argv: Sequence[str], timeout_s:
             say=print) -> dict:
   """Runs every unfinished point, then writes the report. Returns {point id: outcome}."""
   os.makedirs(output_dir, exist_ok=True)
+  with locked(output_dir):
+    return _execute(output_dir, settings, argv, timeout_s, say)
+
+
+def _execute(output_dir: str, settings: Settings, argv: Sequence[str], timeout_s: float,
+             say) -> dict:
   _check_settings(output_dir, settings)
   points = plan(settings)
   results.write_json_atomic(os.path.join(output_dir, STUDY_FILE), {

@@ -59,7 +59,7 @@ def _subset(value: str, suite: list[str], flag: str) -> tuple[str, ...]:
     return ()
   if value.strip() == "all":
     return tuple(suite)
-  names = registry.expand(value)
+  names = registry.expand(value, flag)
   outside = [n for n in names if n not in suite]
   if outside:
     raise UsageError(f"--{flag} names workloads outside --workloads: {', '.join(outside)}")
@@ -130,7 +130,7 @@ def _targets() -> tuple[str, ...]:
 def settings_from_flags() -> study.Settings:
   from fathom_jax import config as config_lib
   from fathom_jax.workloads import registry
-  suite = registry.expand(FLAGS.workloads)
+  suite = registry.expand(FLAGS.workloads, "workloads")
   for name in suite:
     w = registry.get(name)
     config_lib.preset(w.presets, FLAGS.preset, w.name)
@@ -160,8 +160,10 @@ def settings_from_flags() -> study.Settings:
 
 def main(argv: list[str]) -> None:
   del argv
-  native_logs.import_jax()
-  try:
+  from fathom_jax import errors
+  with errors.one_line_errors(interrupted="run the same command again to resume the study"):
+    flagparse.check_output_dir(FLAGS.output_dir)
+    native_logs.import_jax()
     if FLAGS.report_only:
       from fathom_jax.study import report
       if not os.path.exists(os.path.join(FLAGS.output_dir, study.STUDY_FILE)):
@@ -169,12 +171,6 @@ def main(argv: list[str]) -> None:
       print(f"report: {report.build(FLAGS.output_dir)}")
       return
     study.execute(FLAGS.output_dir, settings_from_flags(), sys.argv[1:], FLAGS.run_timeout_s)
-  except UsageError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt:
-    print("interrupted: run the same command again to resume the study", file=sys.stderr)
-    sys.exit(130)
 
 
 if __name__ == "__main__":

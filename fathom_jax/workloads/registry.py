@@ -33,14 +33,20 @@ def get(name: str) -> base.Workload:
   return importlib.import_module(_MODULES[name]).WORKLOAD
 
 
-def expand(names: str) -> list[str]:
-  """'all', one name, or a comma list -> validated list of names."""
+def expand(names: str, flag: str = "workload") -> list[str]:
+  """'all', one name, or a comma list -> validated list of names (`flag` names the flag that
+  gave them, for the error)."""
   names = names.strip()
   if names == "all":
     return available()
-  wanted = [n.strip() for n in names.split(",") if n.strip()]
-  if not wanted:
-    raise UsageError("--workload is empty; give a name, a comma list or 'all'")
+  wanted = [n.strip() for n in names.split(",")]
+  if not any(wanted):
+    raise UsageError(f"--{flag} is empty; give a name, a comma list or 'all'")
+  if not all(wanted):
+    raise UsageError(f"--{flag} {names!r} has an empty item; give names separated by commas")
+  repeated = sorted({n for n in wanted if wanted.count(n) > 1})
+  if repeated:
+    raise UsageError(f"--{flag} names {', '.join(repeated)} more than once")
   for n in wanted:
     get(n)
   return wanted

@@ -1,0 +1,183 @@
+"""Faults and hostile input: one-line errors with the right exit status, whole files or none,
+locked study folders, damaged files redone, and random flag values that never give a traceback."""
+
+import errno
+import os
+import string
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from fathom_jax import errors, results, runner, study
+from fathom_jax.analysis import breakdown
+from tests import records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "run.py")
+
+
+def _one_line(proc, status=2):
+  assert proc.returncode == status, (proc.returncode, proc.stderr)
+  assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+  return proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--workload=memnet,,autoenc"], "has an empty item"),
+    (["--workload=memnet,memnet"], "names memnet more than once"),
+    (["--steps=100000000000000000000"], "--steps must be at most 1,000,000,000"),
+    (["--warmup_steps=100000000000000000000"], "--warmup_steps must be at most"),
+    (["--seed=1180591620717411303424"], "--seed must fit in 64 bits"),
+    (["--batch_size=100000000000000000000"], "--batch_size must be positive and at most"),
+    (["--override=hops=100000000000000000000"], "must be a finite number of at most"),
+    (["--cpu_devices=100000"], "--cpu_devices must be in [1, 256]"),
+    (["--coordinator_address=localhost"], "--coordinator_address must be host:port"),
+    (["--coordinator_address=localhost:0"], "--coordinator_address must be host:port"),
+    (["--coordinator_address=localhost:99999"], "--coordinator_address must be host:port"),
+    (["--coordinator_address=:1234"], "--coordinator_address must be host:port"),
+    (["--output_dir=/proc/fathom-jax-runs"], "cannot be written"),
+])
+def test_bad_input_at_the_edge(args, message, tmp_path, forked_cli):
+  base = ["--workload=memnet", "--preset=tiny", f"--output_dir={tmp_path / 'runs'}"]
+  proc = forked_cli.run(RUN, *base, *args)
+  assert message in _one_line(proc)
+  assert not (tmp_path / "runs").exists()
+
+
+def test_output_folders_that_are_files_or_under_files(tmp_path, forked_cli):
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  for path, message in ((afile, "is a file, not a folder"), (afile / "runs", "which is a file")):
+    for command in ((RUN, "--workload=memnet", "--preset=tiny"),
+                    ("-m", "fathom_jax.study", "--workloads=memnet")):
+      proc = forked_cli.run(*command, f"--output_dir={path}")
+      assert message in _one_line(proc), command
+    proc = forked_cli.run("-m", "fathom_jax.analysis", "diff", str(tmp_path), str(tmp_path),
+                          f"--output_dir={path}")
+    assert message in _one_line(proc)
+    proc = forked_cli.run("-m", "fathom_jax.peaks", f"--output={path / 'peaks.json'}")
+    assert _one_line(proc)
+  assert afile.read_text() == "x"
+
+
+@pytest.mark.parametrize("error, status, words", [
+    (OSError(errno.ENOSPC, "No space left on device", "/x/result.json"), 1,
+     "error: no space left on the device writing /x/result.json"),
+    (OSError(errno.EFBIG, "File too large", "/x/ops.csv"), 1, "error: file too large"),
+    (OSError(errno.EACCES, "Permission denied", "/x"), 1, "error: permission denied writing /x"),
+    (MemoryError(), 1, "error: out of memory"),
+    (errors.UsageError("--steps must be positive"), 2, "error: --steps must be positive"),
+    (errors.Terminated(), 143, "terminated"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+    (ValueError("something nobody foresaw\nsecond line"), 1,
+     "error: ValueError: something nobody foresaw (--debug"),
+])
+def test_every_failure_is_one_line_with_its_status(error, status, words, capsys, monkeypatch):
+  monkeypatch.delenv("FATHOM_JAX_DEBUG", raising=False)
+  with pytest.raises(SystemExit) as exit_:
+    with errors.one_line_errors():
+      raise error
+  assert exit_.value.code == status
+  err = capsys.readouterr().err
+  assert err.startswith(words) and err.count("\n") == 1 and "Traceback" not in err, err
+  # A full disk is never reported as memory.
+  assert "memory" not in err or isinstance(error, MemoryError)
+
+
+def test_debug_shows_the_traceback(capsys, monkeypatch):
+  monkeypatch.setenv("FATHOM_JAX_DEBUG", "1")
+  with pytest.raises(SystemExit):
+    with errors.one_line_errors():
+      raise ValueError("boom")
+  assert "Traceback" in capsys.readouterr().err
+
+
+def test_a_full_disk_mid_run_leaves_no_partial_file(tmp_path, monkeypatch):
+  """The disk fills while the run writes its result: the write fails whole, nothing half
+  written stays, and the error names the cause."""
+  real_fdopen = os.fdopen
+
+  class Full:
+    def __init__(self, f):
+      self.f = f
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
+
+    def write(self, text):
+      self.f.write(text[:10])
+      raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+      return getattr(self.f, name)
+
+  monkeypatch.setattr(results.os, "fdopen", lambda fd, mode="r": Full(real_fdopen(fd, mode)))
+  spec = runner.RunSpec("memnet", preset="tiny", steps=1, warmup_steps=0,
+                        output_dir=str(tmp_path), quiet=True)
+  with pytest.raises(OSError) as e:
+    runner.execute(spec)
+  assert e.value.errno == errno.ENOSPC
+  assert "no space left" in errors.describe_os_error(e.value)
+  (run_dir,) = os.listdir(tmp_path)
+  assert os.listdir(tmp_path / run_dir) == []  # no result.json, no temporary
+
+
+def test_a_study_folder_is_locked_while_a_study_works_in_it(tmp_path, forked_cli):
+  folder = str(tmp_path / "study")
+  os.makedirs(folder)
+  with study.locked(folder):
+    proc = forked_cli.run("-m", "fathom_jax.study", "--workloads=memnet", "--preset=tiny",
+                          f"--output_dir={folder}")
+    assert f"is in use by another study (pid {os.getpid()})" in _one_line(proc)
+  with study.locked(folder):  # released with its holder
+    pass
+
+
+def test_a_damaged_breakdown_makes_its_point_run_again(tmp_path):
+  point = tmp_path / "runs" / "suite-memnet-train"
+  run_dir = point / "20261207-000000-memnet-train-tiny-000000"
+  os.makedirs(run_dir)
+  record = records.valid_record()
+  record["spec"]["profile"] = True
+  results.write_json_atomic(str(run_dir / results.RESULT_FILE), record)
+  results.write_json_atomic(str(run_dir / breakdown.BREAKDOWN_FILE), {"coverage": 0.9})
+  assert study.point_outcome(str(point))["run_dir"] == str(run_dir)
+  with open(run_dir / breakdown.BREAKDOWN_FILE, "r+") as f:
+    f.truncate(5)
+  assert study.point_outcome(str(point)) is None
+
+
+_WORDS = st.text(alphabet=string.ascii_letters + string.digits + ",._-/ :=", max_size=30)
+_HUGE = st.one_of(st.integers(max_value=0), st.integers(min_value=10**10))
+_FLAGS = st.one_of(
+    st.builds(lambda v: f"--workload={v}", _WORDS.filter(lambda v: v.strip() != "all")),
+    st.builds(lambda v: f"--preset={v}", _WORDS.filter(lambda v: v not in ("paper", "small",
+                                                                           "tiny"))),
+    st.builds(lambda v: f"--mode={v}", _WORDS),
+    st.builds(lambda v: f"--dtype={v}", _WORDS),
+    st.builds(lambda v: f"--backend={v}", _WORDS),
+    st.builds(lambda v: f"--steps={v}", _HUGE),
+    st.builds(lambda v: f"--batch_size={v}", _HUGE),
+    st.builds(lambda v: f"--cpu_devices={v}", _HUGE),
+    st.builds(lambda v: f"--seed={v}", st.integers(min_value=2**63)),
+    st.builds(lambda v: f"--override={v}", _WORDS),
+    st.builds(lambda v: f"--coordinator_address={v}", _WORDS.filter(
+        lambda v: not (":" in v and v.rsplit(":", 1)[1].isdigit()))),
+    st.builds(lambda v: f"--data={v}", _WORDS.filter(lambda v: v != "synthetic")),
+    st.builds(lambda v: f"--component_depth={v}", _WORDS.filter(
+        lambda v: v not in ("model", "block", "layer", "full") and not v.isdigit())),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flag=_FLAGS)
+def test_random_bad_flags_never_give_a_traceback(flag, tmp_path, forked_cli):
+  args = ["--workload=memnet", "--preset=tiny", f"--output_dir={tmp_path / 'runs'}", flag]
+  if flag.startswith("--coordinator_address"):
+    args.append("--num_processes=2")
+  proc = forked_cli.run(RUN, *args)
+  _one_line(proc)
