@@ -4,7 +4,6 @@ locked study folders, damaged files redone, and random flag values that never gi
 import errno
 import os
 import string
-import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
