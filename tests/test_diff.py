@@ -120,6 +120,10 @@ def test_bad_input_is_one_line(two_programs, tmp_path, forked_cli):
   damaged = _copy(run, tmp_path, "damaged")
   with open(os.path.join(damaged, breakdown.BREAKDOWN_FILE), "r+") as f:
     f.truncate(100)
+  interrupted = _copy(run, tmp_path, "interrupted")
+  record = results.read_result(interrupted)
+  record.update(status="interrupted", error="interrupted by the user")
+  results.write_json_atomic(os.path.join(interrupted, results.RESULT_FILE), record)
   empty = tmp_path / "empty"
   empty.mkdir()
   two = tmp_path / "two"
@@ -128,6 +132,7 @@ def test_bad_input_is_one_line(two_programs, tmp_path, forked_cli):
   for args, message in [
       ((run, other), "A is a memnet run and B a autoenc run"),
       ((run, damaged), "damaged (not JSON)"),
+      ((interrupted, run), "the run is interrupted (interrupted by the user); a diff compares"),
       ((str(empty), run), "holds no breakdown.json and no trace"),
       ((run, str(tmp_path / "missing")), "does not exist"),
       ((run, os.path.join(run, breakdown.OPS_FILE)), "is not a folder"),

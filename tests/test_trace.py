@@ -142,6 +142,14 @@ def test_hlo_dumped_beside_a_trace_without_embedded_hlo(tmp_path, capsys):
   assert ours and all(r["xla_category"] != breakdown.UNMATCHED for r in ours)
 
 
+def _exit_status(command, argv) -> int:
+  """A command's exit status, whether it returns it or exits with it."""
+  try:
+    return command(argv)
+  except SystemExit as e:
+    return e.code
+
+
 def test_damaged_input(annotated, tmp_path, capsys):
   logdir, _ = annotated
   (path,) = trace.find_xplanes(str(logdir))
@@ -151,7 +159,7 @@ def test_damaged_input(annotated, tmp_path, capsys):
   (broken / "host.xplane.pb").write_bytes(data[:len(data) // 2])
   with pytest.raises(DataError, match="not a readable xplane trace"):
     trace.read_all(str(tmp_path))
-  assert cli.main(["breakdown", str(tmp_path)]) == 2
+  assert _exit_status(cli.main, ["breakdown", str(tmp_path)]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and err.count("\n") == 1
   with pytest.raises(DataError, match="no such trace folder"):
@@ -161,7 +169,7 @@ def test_damaged_input(annotated, tmp_path, capsys):
     trace.find_xplanes(str(tmp_path / "empty"))
   notes = tmp_path / "empty" / "notes.optimized.hlo.txt"
   notes.write_text("not hlo\n")
-  assert cli.main(["breakdown", str(logdir), f"--hlo={notes}"]) == 2
+  assert _exit_status(cli.main, ["breakdown", str(logdir), f"--hlo={notes}"]) == 2
   assert "notes.optimized.hlo.txt:1: not HLO text" in capsys.readouterr().err
 
 
