@@ -173,7 +173,9 @@ def main(argv: list[str]) -> None:
   del argv  # parse_flags rejects positional arguments
   # JAX logs each backend it fails to find (e.g. no libtpu) at INFO; that is not news to a user.
   logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
-  with errors.one_line_errors(debug=FLAGS.debug,
+  # Signals are acted on between phases and steps: raised inside XLA's compiler or a garbage
+  # collection callback, one was lost (the run went on) or crashed the runtime at exit.
+  with errors.one_line_errors(debug=FLAGS.debug, defer_signals=True,
                               interrupted="the result file records the steps that finished"):
     check_flags()
     if FLAGS.huge_pages:
@@ -194,6 +196,7 @@ def main(argv: list[str]) -> None:
     resolved = [runner.resolve(spec) for spec in specs]
     from fathom_jax import environment
     environment.select_devices(FLAGS.backend)
+    errors.raise_if_interrupted()
     for spec, res in zip(specs, resolved):
       record = runner.execute(spec, res)
       if jax.process_index() == 0:
@@ -215,7 +218,9 @@ def _compile_for_target() -> None:
   targets.prepare_process()
   devices = targets.devices(target)
   for spec in specs:
+    errors.raise_if_interrupted()
     target_compile.compile_for_target(spec, target, devices)
+  errors.raise_if_interrupted()
 
 
 def run() -> None:

@@ -54,16 +54,46 @@ def debugging(flag: bool = False) -> bool:
   return flag or os.environ.get("FATHOM_JAX_DEBUG", "") not in ("", "0")
 
 
-def _raise_terminated(signum, frame):
-  raise Terminated
+_received: list = []  # signals recorded by a deferring handler, not yet acted on
+
+
+def _interruption(signum) -> KeyboardInterrupt:
+  return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _raise_now(signum, frame):
+  raise _interruption(signum)
+
+
+def _record(signum, frame):
+  """The first signal is recorded, for the command to act on at its next safe point (a signal
+  raised inside a native call or a garbage-collection callback is lost or crashes the runtime);
+  a second one interrupts at once."""
+  if _received:
+    raise _interruption(signum)
+  _received.append(signum)
+
+
+def pending() -> bool:
+  return bool(_received)
+
+
+def raise_if_interrupted() -> None:
+  """At a safe point: the interruption a recorded signal asked for, if one did."""
+  if _received:
+    raise _interruption(_received[0])
 
 
 @contextlib.contextmanager
-def one_line_errors(debug: bool = False, interrupted: str = ""):
+def one_line_errors(debug: bool = False, interrupted: str = "", defer_signals: bool = False):
   """Runs a command's body; any failure leaves as one line on stderr and its exit status. SIGTERM
-  is raised as `Terminated` (a KeyboardInterrupt), so that it ends a run as Ctrl-C does."""
+  is handled as Ctrl-C is (as `Terminated`, a KeyboardInterrupt). With `defer_signals`, the
+  first of them is recorded and acted on where the body calls `raise_if_interrupted`."""
   if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    _received.clear()
+    handler = _record if defer_signals else _raise_now
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
   try:
     yield
   except UsageError as e:

@@ -155,6 +155,23 @@ def _peak_device_memory(device) -> Optional[int]:
   return int(stats.get("peak_bytes_in_use", stats.get("bytes_in_use", 0))) or None
 
 
+PAUSE_VARIABLE = "FATHOM_JAX_PAUSE_AT"  # a test hook: stop for a signal at a named phase
+
+
+def pause_at(phase: str, interruptible: bool = True) -> None:
+  """Where $FATHOM_JAX_PAUSE_AT names this phase (compile, data, init, profile, write), says so
+  on stdout and waits up to a minute, or until a held signal arrives: a test sends its signal
+  at a known moment."""
+  if os.environ.get(PAUSE_VARIABLE) != phase:
+    return
+  print(f"paused at {phase}", flush=True)
+  deadline = time.monotonic() + 60
+  while time.monotonic() < deadline and not errors.pending():
+    time.sleep(0.05)
+  if interruptible:
+    errors.raise_if_interrupted()
+
+
 def _timed(fn: Callable, *args, **kwargs) -> tuple[Any, float]:
   start = time.perf_counter()
   return fn(*args, **kwargs), time.perf_counter() - start
@@ -287,7 +304,9 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
     record["figures"] = results.summarise(figures, batch_size)
     record["provenance"]["duration_s"] = time.perf_counter() - started
     if run_dir:
+      pause_at("write", interruptible=False)
       results.write_json_atomic(os.path.join(run_dir, results.RESULT_FILE), record)
+  errors.raise_if_interrupted()  # a signal that came while the result was written
   return record
 
 
@@ -304,6 +323,7 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
              phases: Optional[dict] = None) -> None:
   """Compiles the step and times it, filling `figures` as it goes; `phases` are the step's
   named phases with their tokens per example (Workload.phase_tokens)."""
+  errors.raise_if_interrupted()  # a signal while the process started
   train = spec.mode == "train"
   device = placement.mesh.devices.flat[0]
   replicated = placement.replicated
@@ -327,6 +347,7 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
     variables_shape = with_sharding(jax.eval_shape(model.init, key_shape, batch_shape))
     step_fn = jax.jit(model_steps.make_infer_step(model))
     args_shape = (variables_shape, batch_shape, key_shape)
+  pause_at("compile")
   say(f"compiling the {'train' if train else 'inference'} step")
   init_fn = functools.partial(model_steps.init_train_state, model) if train else model.init
   # The one-shot program that makes the parameters compiles beside the step (XLA's compiler
@@ -342,6 +363,7 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
         lowered, spec.execution, model.compiler_options.get((device.platform, spec.mode), {}))
     t2 = time.perf_counter()
     init_executable, figures["init_compile_time_s"] = init_program.result()
+  errors.raise_if_interrupted()
   if dropped:
     figures["compiler_options_dropped"] = dropped
     say(f"this XLA does not take the model's options ({dropped['error']}); compiled without them")
@@ -355,6 +377,7 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
   if available is not None and needed > available:
     raise _out_of_memory(spec, batch_size, needed, available)
 
+  pause_at("data")
   t0 = time.perf_counter()
   batches = _batches(source, batch_size, spec.seed, train)
   put = placement_lib.placer(source, placement)
@@ -362,6 +385,8 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
   _check_batch(first, batch_shape, spec.workload)
   figures["data_time_s"] = time.perf_counter() - t0
   say(f"first batch ready in {figures['data_time_s']:.2f} s")
+  errors.raise_if_interrupted()
+  pause_at("init")
   t0 = time.perf_counter()
   # Keys are made inside jit: a host-side key cannot be placed on other hosts' devices.
   make_key = jax.jit(lambda: jax.random.key(spec.seed), out_shardings=replicated)
@@ -376,6 +401,7 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
   say(f"{'train state' if train else 'parameters'} initialised in "
       f"{figures['init_time_s']:.2f} s (its program compiled in "
       f"{figures['init_compile_time_s']:.2f} s beside the step's)")
+  errors.raise_if_interrupted()
 
   call = compiled
   if spec.execution == "eager":
@@ -438,11 +464,13 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
 
     # An eager step runs one small program per op (the trace embeds them), not this one.
     programs = None if spec.execution == "eager" else (lowered, compiled)
+    pause_at("profile")
     figures["profile"] = profiling.capture(
         run_dir, spec.mode, spec.steps, prepare, run, programs, figures["step_times_s"],
         say, f"{spec.workload} {spec.mode} ({spec.preset})",
         component_depth=spec.component_depth,
         phase_tokens={name: n * batch_size for name, n in (phases or {}).items()})
+    errors.raise_if_interrupted()
   figures["peak_device_memory_bytes"] = _peak_device_memory(device)
 
 
@@ -450,29 +478,15 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
 def _interrupt_between_steps():
   """Ctrl-C or SIGTERM during the measured loop takes effect between steps: an exception raised
   inside a dispatch can leave the runtime's threads waiting at exit. A second signal interrupts
-  at once. Yields a function that raises the interruption a signal asked for, if one did."""
+  at once. Yields the check to call between steps (errors.raise_if_interrupted)."""
   if threading.current_thread() is not threading.main_thread():
     yield lambda: None
     return
-  received = []
-
-  def interruption(signum):
-    return errors.Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
-
-  def handler(signum, frame):
-    if received:
-      raise interruption(signum)
-    received.append(signum)
-
-  def check():
-    if received:
-      raise interruption(received[0])
-
-  previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+  previous = {sig: signal.signal(sig, errors._record) for sig in (signal.SIGINT, signal.SIGTERM)}
   try:
-    yield check
+    yield errors.raise_if_interrupted
   finally:
-    for sig, handler_before in previous.items():
-      signal.signal(sig, handler_before)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
 
 

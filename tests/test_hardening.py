@@ -9,6 +9,8 @@ import time
 
 import pytest
 
+from fathom_jax import runner
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -111,3 +113,41 @@ def test_concurrent_runs_never_share_a_folder(tmp_path):
   assert len(run_dirs) == 3
   for d in run_dirs:
     assert json.load(open(tmp_path / d / "result.json"))["status"] == "completed"
+
+
+@pytest.mark.parametrize("phase", ["compile", "data", "init", "profile", "write"])
+@pytest.mark.parametrize("sig, status, word", [(signal.SIGINT, 130, "interrupted"),
+                                               (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_in_any_phase_is_one_line_and_leaves_whole_files(phase, sig, status, word,
+                                                                 tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+         runner.PAUSE_VARIABLE: phase}
+  proc = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "run.py"), "--workload=memnet", "--preset=tiny",
+       "--steps=2", "--warmup_steps=0", "--profile", f"--output_dir={tmp_path}"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  _wait_for(proc, f"paused at {phase}")
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == status, err
+  assert "Traceback" not in err and err.startswith(word) and err.count("\n") == 1, err
+  (run_dir,) = os.listdir(tmp_path)
+  files = [os.path.join(d, f) for d, _, names in os.walk(tmp_path / run_dir) for f in names]
+  assert not [f for f in files if os.path.basename(f).startswith(".tmp")], files
+  record = _only_result(tmp_path)
+  # Held while the result is written, a signal then comes after a completed run's result.
+  assert record["status"] == ("completed" if phase == "write" else "interrupted")
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_while_xla_compiles_is_acted_on_after_it(sig, status, tmp_path):
+  # Raised inside the compiler's call or a garbage-collection callback, a signal was lost (the
+  # run went on) or crashed the runtime at exit; recorded, it ends the run after the compile.
+  proc = _popen("--workload=seq2seq", "--preset=tiny", "--steps=2", f"--output_dir={tmp_path}")
+  _wait_for(proc, "compiling the train step")
+  time.sleep(0.3)
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == status, err
+  assert "Traceback" not in err and err.count("\n") == 1, err
+  assert _only_result(tmp_path)["status"] == "interrupted"
