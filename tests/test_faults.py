@@ -3,7 +3,11 @@ locked study folders, damaged files redone, and random flag values that never gi
 
 import errno
 import os
+import signal
 import string
+import subprocess
+import sys
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -153,7 +157,7 @@ def test_a_damaged_breakdown_makes_its_point_run_again(tmp_path):
 _WORDS = st.text(alphabet=string.ascii_letters + string.digits + ",._-/ :=", max_size=30)
 _HUGE = st.one_of(st.integers(max_value=0), st.integers(min_value=10**10))
 _FLAGS = st.one_of(
-    st.builds(lambda v: f"--workload={v}", _WORDS.filter(lambda v: v.strip() != "all")),
+    st.builds(lambda v: f"--workload={v}", _WORDS.filter(lambda v: not _names_valid_workloads(v))),
     st.builds(lambda v: f"--preset={v}", _WORDS.filter(lambda v: v not in ("paper", "small",
                                                                            "tiny"))),
     st.builds(lambda v: f"--mode={v}", _WORDS),
@@ -179,4 +183,100 @@ def test_random_bad_flags_never_give_a_traceback(flag, tmp_path, forked_cli):
   if flag.startswith("--coordinator_address"):
     args.append("--num_processes=2")
   proc = forked_cli.run(RUN, *args)
+  _one_line(proc)
+
+
+def _children(pid: int) -> list[int]:
+  try:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+      return [int(p) for p in f.read().split()]
+  except OSError:
+    return []
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().split(")")[-1].split()[0] != "Z"
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads /proc (Linux)")
+@pytest.mark.parametrize("sig, status", [(signal.SIGKILL, -9), (signal.SIGTERM, 143)])
+def test_a_studys_runs_die_with_it(sig, status, tmp_path):
+  folder = tmp_path / "study"
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "fathom_jax.study", "--workloads=memnet", "--preset=tiny",
+       "--steps=2000000", "--warmup_steps=0", "--fusion_workloads=none",
+       "--thread_workloads=none", "--device_workloads=none", "--implementation_workloads=none",
+       f"--output_dir={folder}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+      text=True)
+  deadline = time.time() + 120
+  runs = []
+  while not runs and time.time() < deadline:  # the first point's run has started
+    runs = [c for c in _children(proc.pid) if "fathom_jax\0--workload" in
+            open(f"/proc/{c}/cmdline").read()] if _alive(proc.pid) else []
+    time.sleep(0.2)
+  assert runs, proc.communicate()[1][-2000:]
+  time.sleep(2)
+  proc.send_signal(sig)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == status, err
+  if sig == signal.SIGTERM:
+    assert err.startswith("terminated") and err.count("\n") == 1 and "Traceback" not in err, err
+  deadline = time.time() + 30
+  while any(_alive(r) for r in runs) and time.time() < deadline:
+    time.sleep(0.2)
+  assert not any(_alive(r) for r in runs)  # no orphan measures beside a resumed study
+
+
+def _names_valid_workloads(value: str) -> bool:
+  from fathom_jax.workloads import registry
+  return value.strip() in ("all", "none") or all(
+      part.strip() in registry.available() for part in value.split(","))
+
+
+def _positive_ints(value: str) -> bool:
+  return all(part.strip().isdigit() and int(part) > 0 for part in value.split(","))
+
+
+_STUDY_FLAGS = st.one_of(
+    st.builds(lambda v: f"--workloads={v}", _WORDS.filter(
+        lambda v: not _names_valid_workloads(v))),
+    st.builds(lambda v: f"--preset={v}", _WORDS.filter(lambda v: v not in ("paper", "small",
+                                                                           "tiny"))),
+    st.builds(lambda v: f"--steps={v}", st.integers(max_value=0)),
+    st.builds(lambda v: f"--thread_counts={v}", _WORDS.filter(
+        lambda v: v.strip() and not _positive_ints(v))),
+    st.builds(lambda v: f"--device_counts={v}", _WORDS.filter(
+        lambda v: v.strip() and not _positive_ints(v))),
+    st.builds(lambda v: f"--fusion_workloads={v}", _WORDS.filter(
+        lambda v: not _names_valid_workloads(v) or v.strip() not in ("all", "none", "memnet"))),
+    st.builds(lambda v: f"--backend={v}", _WORDS),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flag=_STUDY_FLAGS)
+def test_random_bad_study_flags_never_give_a_traceback(flag, tmp_path, forked_cli):
+  proc = forked_cli.run("-m", "fathom_jax.study", "--workloads=memnet", "--preset=tiny",
+                        f"--output_dir={tmp_path / 'study'}", flag, cwd=ROOT)
+  _one_line(proc)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(args=st.lists(_WORDS, min_size=0, max_size=3), command=st.sampled_from(["breakdown", "diff"]))
+def test_random_analysis_arguments_never_give_a_traceback(args, command, tmp_path, forked_cli):
+  proc = forked_cli.run("-m", "fathom_jax.analysis", command, *[f"{tmp_path}/{a}" for a in args],
+                        f"--output_dir={tmp_path / 'out'}", cwd=str(tmp_path))
+  _one_line(proc)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(flag=st.one_of(st.builds(lambda v: f"--dtype={v}", _WORDS),
+                      st.builds(lambda v: f"--backend={v}", _WORDS.filter(lambda v: v != "cpu")),
+                      st.builds(lambda v: f"--output=/proc/{v}", _WORDS)))
+def test_random_peaks_flags_never_give_a_traceback(flag, forked_cli):
+  proc = forked_cli.run("-m", "fathom_jax.peaks", flag)
   _one_line(proc)
