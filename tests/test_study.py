@@ -194,13 +194,25 @@ def test_an_interrupted_study_resumes_and_redoes_only_unfinished_runs(finished, 
   record["status"] = "interrupted"
   with open(os.path.join(run_dir, "result.json"), "w") as f:
     json.dump(record, f)
+  # A damaged breakdown: the run finished, but its analysis cannot be read.
+  damaged = study.point_outcome(study.point_dir(folder, "fusion-memnet-train-unfused"))["run_dir"]
+  with open(os.path.join(damaged, "breakdown.json"), "r+") as f:
+    f.truncate(20)
   measuring = study.measuring_points(SETTINGS)
   before = {p: study.point_outcome(study.point_dir(folder, measuring[p])) for p in measuring}
   lines = []
   outcomes = study.execute(folder, SETTINGS, ["--test"], say=lines.append)
   redone = [l.split()[1].rstrip(":") for l in lines if l.startswith("[")
-            and " earlier, kept" not in l and ", the run of " not in l]
-  assert sorted(redone) == ["suite-autoenc-infer", "threads-memnet-train-cpus2"]
+            and " earlier, kept" not in l and ", the run of " not in l
+            and "files are damaged" not in l]
+  assert sorted(redone) == ["fusion-memnet-train-unfused", "suite-autoenc-infer",
+                            "threads-memnet-train-cpus2"]
+  assert any("fusion-memnet-train-unfused: its earlier run's files are damaged" in l
+             for l in lines)
+  with open(os.path.join(folder, report.REPORT_FILE)) as f:
+    runs_table = f.read().split("## Runs")[1]
+  line = next(l for l in runs_table.splitlines() if l.startswith("| fusion-memnet-train-unfused"))
+  assert "run again: the earlier run's files were damaged" in line
   assert all(o["status"] == "completed" for o in outcomes.values())
   for point_id, outcome in outcomes.items():
     if point_id not in redone:

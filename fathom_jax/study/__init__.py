@@ -173,6 +173,33 @@ def point_outcome(folder: str) -> Optional[dict]:
   return None
 
 
+def damaged(folder: str) -> bool:
+  """Whether a point's folder holds a run that finished but whose files cannot be read: a
+  result.json that is not JSON, or a completed run's breakdown or static analysis."""
+  for path in glob.glob(os.path.join(folder, "*", results.RESULT_FILE)):
+    try:
+      with open(path) as f:
+        record = json.load(f)
+    except ValueError:
+      return True
+    except OSError:
+      continue
+    if not isinstance(record, dict):
+      return True
+    if record.get("status") == "completed" and not _analyses_readable(os.path.dirname(path),
+                                                                      record):
+      return True
+  return False
+
+
+def _earlier_redone(output_dir: str) -> list:
+  try:
+    with open(os.path.join(output_dir, STUDY_FILE)) as f:
+      return list(json.load(f).get("redone_after_damage", []))
+  except (OSError, ValueError, AttributeError):
+    return []
+
+
 def _analyses_readable(run_dir: str, record: dict) -> bool:
   """Whether the files a completed run's analyses left (breakdown.json of a profiled run,
   static.json of a target compile) are whole JSON objects."""
@@ -326,11 +353,14 @@ def _execute(output_dir: str, settings: Settings, argv: Sequence[str], timeout_s
              say) -> dict:
   _check_settings(output_dir, settings)
   points = plan(settings)
-  results.write_json_atomic(os.path.join(output_dir, STUDY_FILE), {
+  study_file = {
       "settings": dataclasses.asdict(settings),
       "command": " ".join(["python -m fathom_jax.study", *map(shlex.quote, argv)]),
       "points": {p.id: shown(p.arguments(settings)) for p in points},
-  })
+      # Points run again because the files of their earlier run were damaged.
+      "redone_after_damage": _earlier_redone(output_dir),
+  }
+  results.write_json_atomic(os.path.join(output_dir, STUDY_FILE), study_file)
   run_peaks(output_dir, settings)
   measuring = measuring_points(settings)
   outcomes = {}
@@ -353,6 +383,12 @@ def _execute(output_dir: str, settings: Settings, argv: Sequence[str], timeout_s
           f"{measuring[point.id]}")
       continue
     outcome = point_outcome(point_dir(output_dir, point.id))
+    if outcome is None and damaged(point_dir(output_dir, point.id)):
+      say(f"[{i + 1}/{len(points)}] {point.id}: its earlier run's files are damaged; running "
+          "it again")
+      study_file["redone_after_damage"] = sorted(
+          set(study_file["redone_after_damage"]) | {point.id})
+      results.write_json_atomic(os.path.join(output_dir, STUDY_FILE), study_file)
     if outcome is not None:
       say(f"[{i + 1}/{len(points)}] {point.id}: {outcome['status']} earlier, kept")
     else:

@@ -12,7 +12,7 @@ import glob
 import io
 import json
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -851,11 +851,13 @@ def _roofline_section(runs: list[Run], peaks: Optional[dict], out: _Out) -> list
                                "of_roof", "time_us"])]
 
 
-def _runs_section(runs: list[Run], study_dir: str) -> list[str]:
+def _runs_section(runs: list[Run], study_dir: str, redone: Sequence[str] = ()) -> list[str]:
   md = ["## Runs", "", "| point | status | command |", "|---|---|---|"]
   for r in runs:
     link = f" ([run]({os.path.relpath(r.run_dir, study_dir)}))" if r.run_dir else ""
     status = r.status + (f": {r.error}" if r.error and r.status != "completed" else "")
+    if r.point.id in redone:
+      status += " (run again: the earlier run's files were damaged)"
     md.append(f"| {r.point.id}{link} | {status} | `{r.command}` |")
   return md
 
@@ -877,7 +879,7 @@ def build(study_dir: str) -> str:
         *_scaling_sections(runs, out), *_implementation_section(runs, out),
         *_target_section(runs, peaks, out),
         *_roofline_section(runs, peaks, out),
-        *_runs_section(runs, study_dir)]
+        *_runs_section(runs, study_dir, meta.get("redone_after_damage") or ())]
   path = os.path.join(study_dir, REPORT_FILE)
   with open(path + ".tmp", "w") as f:
     f.write("\n".join(md) + "\n")
