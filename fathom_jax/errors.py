@@ -44,10 +44,13 @@ _ENVIRONMENT_ERRNOS = {
 }
 
 
+# Errors of a path the user gave: the wrong kind of path, or none there.
+_USAGE_ERRNOS = (errno.EISDIR, errno.ENOTDIR, errno.ENOENT, errno.ENAMETOOLONG)
+
+
 def describe_os_error(e: OSError) -> str:
   cause = _ENVIRONMENT_ERRNOS.get(e.errno) or (e.strerror or type(e).__name__).lower()
-  where = f" writing {e.filename}" if e.filename else ""
-  return f"{cause}{where}"
+  return f"{cause}: {e.filename}" if e.filename else cause
 
 
 def debugging(flag: bool = False) -> bool:
@@ -109,7 +112,8 @@ def one_line_errors(debug: bool = False, interrupted: str = "", defer_signals: b
   except OSError as e:
     if debugging(debug):
       traceback.print_exc()
-    _exit(f"error: {describe_os_error(e)}", EXIT_ENVIRONMENT)
+    _exit(f"error: {describe_os_error(e)}",
+          EXIT_USAGE if e.errno in _USAGE_ERRNOS and e.filename else EXIT_ENVIRONMENT)
   except Exception as e:  # a bug, or a failure no one foresaw: still one line, unless asked
     if debugging(debug):
       traceback.print_exc()

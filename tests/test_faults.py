@@ -66,9 +66,11 @@ def test_output_folders_that_are_files_or_under_files(tmp_path, forked_cli):
 
 @pytest.mark.parametrize("error, status, words", [
     (OSError(errno.ENOSPC, "No space left on device", "/x/result.json"), 1,
-     "error: no space left on the device writing /x/result.json"),
+     "error: no space left on the device: /x/result.json"),
+    (IsADirectoryError(errno.EISDIR, "Is a directory", "/data/qa1_train.txt"), 2,
+     "error: is a directory: /data/qa1_train.txt"),
     (OSError(errno.EFBIG, "File too large", "/x/ops.csv"), 1, "error: file too large"),
-    (OSError(errno.EACCES, "Permission denied", "/x"), 1, "error: permission denied writing /x"),
+    (OSError(errno.EACCES, "Permission denied", "/x"), 1, "error: permission denied: /x"),
     (MemoryError(), 1, "error: out of memory"),
     (errors.UsageError("--steps must be positive"), 2, "error: --steps must be positive"),
     (errors.Terminated(), 143, "terminated"),

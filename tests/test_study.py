@@ -316,3 +316,13 @@ def test_a_point_killed_from_outside_is_tried_again_and_bad_input_is_not(
   assert outcome["status"] == "failed" and outcome["error"] == error
   # A finished point is never redone; one killed by a signal is unfinished.
   assert (study.point_outcome(study.point_dir(str(tmp_path), point.id)) is not None) is kept
+
+
+def test_a_damaged_peaks_file_leaves_the_report_whole_and_is_measured_again(finished, tmp_path):
+  folder = str(tmp_path / "copy")
+  shutil.copytree(finished[0], folder)
+  peaks = os.path.join(folder, study.RUNS_DIR, study.PEAKS_POINT, "peaks.json")
+  with open(peaks, "r+") as f:
+    f.truncate(10)
+  assert os.path.exists(report.build(folder))  # read as missing, not a traceback
+  assert study.run_peaks(folder, SETTINGS)["matmul_flops_per_s"] > 0  # measured again

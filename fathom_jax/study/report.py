@@ -94,19 +94,22 @@ def load(study_dir: str) -> tuple[dict, list[Run], Optional[dict]]:
           run.status, run.error = "failed", "the run left no op breakdown"
     runs.append(run)
   peaks_path = os.path.join(study_dir, study.RUNS_DIR, study.PEAKS_POINT, "peaks.json")
-  peaks = None
-  if os.path.exists(peaks_path):
-    with open(peaks_path) as f:
-      peaks = json.load(f)
-  return meta, runs, peaks
+  return meta, runs, _json_or_none(peaks_path)
+
+
+def _json_or_none(path: str) -> Optional[dict]:
+  """A JSON object from `path`; None where it is missing or damaged (its point is then
+  redone by the study, and meanwhile reported as missing)."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
 
 
 def _static(run_dir: str) -> Optional[dict]:
-  path = os.path.join(run_dir, static.STATIC_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path) as f:
-    return json.load(f)
+  return _json_or_none(os.path.join(run_dir, static.STATIC_FILE))
 
 
 def _breakdown(run_dir: str) -> tuple[Optional[dict], Optional[list]]:
@@ -114,8 +117,9 @@ def _breakdown(run_dir: str) -> tuple[Optional[dict], Optional[list]]:
   ops_path = os.path.join(run_dir, breakdown.OPS_FILE)
   if not (os.path.exists(summary_path) and os.path.exists(ops_path)):
     return None, None
-  with open(summary_path) as f:
-    summary = json.load(f)
+  summary = _json_or_none(summary_path)
+  if summary is None:
+    return None, None
   with open(ops_path, newline="") as f:
     ops = list(csv.DictReader(f))
   return summary, ops
