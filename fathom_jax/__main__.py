@@ -21,6 +21,8 @@ def _usage() -> str:
 
 
 def main(argv=None) -> int:
+  from fathom_jax import errors
+  errors.follow_parent()
   argv = list(sys.argv[1:] if argv is None else argv)
   prog = "fathom-jax"
   from fathom_jax import flagparse

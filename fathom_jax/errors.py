@@ -129,3 +129,22 @@ def _exit(message: str, status: int) -> None:
     pass
   print(message, file=sys.stderr, flush=True)
   sys.exit(status)
+
+
+PARENT_VARIABLE = "FATHOM_JAX_PARENT_PID"  # set by a study for the processes of its points
+
+
+def follow_parent() -> None:
+  """In a process a study started: the kernel sends it SIGKILL when the study dies, however the
+  study dies (Linux), so no run of a killed study goes on measuring beside a resumed one. Set
+  here, at the start of the child, not between fork and exec: the study has threads."""
+  parent = os.environ.get(PARENT_VARIABLE)
+  if not parent or not sys.platform.startswith("linux"):
+    return
+  try:
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+  except (OSError, AttributeError):
+    return
+  if parent.isdigit() and os.getppid() != int(parent):  # the study died before the call
+    os._exit(EXIT_TERMINATED)

@@ -56,6 +56,7 @@ def main(argv=None) -> int:
   parser.add_argument("--output", default=None, help="write the figures here as JSON")
   args = parser.parse_args(argv)
   from fathom_jax import environment, errors, results
+  errors.follow_parent()
   with errors.one_line_errors():
     if args.output:
       folder = os.path.dirname(os.path.abspath(args.output))

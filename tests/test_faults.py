@@ -282,3 +282,11 @@ def test_random_analysis_arguments_never_give_a_traceback(args, command, tmp_pat
 def test_random_peaks_flags_never_give_a_traceback(flag, forked_cli):
   proc = forked_cli.run("-m", "fathom_jax.peaks", flag)
   _one_line(proc)
+
+
+def test_a_data_path_of_the_wrong_kind_is_the_users_error(tmp_path, forked_cli):
+  (tmp_path / "babi" / "qa1_train.txt").mkdir(parents=True)  # a folder named as a file
+  proc = forked_cli.run(RUN, "--workload=memnet", "--preset=tiny",
+                        f"--data={tmp_path / 'babi'}", f"--output_dir={tmp_path / 'runs'}")
+  assert "is a directory: " in _one_line(proc) and "qa1_train.txt" in proc.stderr
+  assert not (tmp_path / "runs").exists()

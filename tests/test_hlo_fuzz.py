@@ -45,3 +45,24 @@ def test_a_frame_id_cut_with_its_brace_still_parses():
           "  ROOT %n = f32[2]{0} negate(%p), stack_frame_id=13}\n}\n")
   module = hlo.parse_module(text)
   assert module.entry_computation.root.opcode == "negate"
+
+
+def test_a_damaged_location_table_row_leaves_the_source_empty():
+  # Found by the fuzz test: a quote inserted into the tables made a location a string.
+  text = """HloModule m
+
+FileNames
+1 "a.py"
+
+FileLocations
+1 "broken"
+
+StackFrames
+1 {file_location_id=1 parent_frame_id=1}
+
+ENTRY %main (p: f32[]) -> f32[] {
+  ROOT %p = f32[] parameter(0), metadata={op_name="x" stack_frame_id=1}
+}
+"""
+  module = hlo.parse_module(text)
+  assert module.instructions["p"].source_file == ""

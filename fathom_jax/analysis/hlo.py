@@ -289,11 +289,12 @@ def _resolve_frames(tables: dict, instructions: list[Instruction]) -> None:
     # A cut line can leave the id with the metadata's closing brace: read its digits only.
     digits = re.match(r"\d+", str(inst.attrs.get("stack_frame_id", "")))
     frame = frames.get(int(digits.group(0))) if digits else None
-    if not frame:
+    if not isinstance(frame, dict):  # none, or a damaged table row
       continue
     loc = locations.get(frame.get("file_location_id", 0))
-    if loc and not inst.source_file:
-      inst.source_file = files.get(loc.get("file_name_id", 0), "")
+    if isinstance(loc, dict) and not inst.source_file:
+      name = files.get(loc.get("file_name_id", 0), "")
+      inst.source_file = name if isinstance(name, str) else ""
       inst.source_line = loc.get("line", 0)
 
 

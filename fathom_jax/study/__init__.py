@@ -22,13 +22,12 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from typing import Optional, Sequence
 
-from fathom_jax import results
+from fathom_jax import errors, results
 from fathom_jax.errors import UsageError
 
 STUDY_FILE = "study.json"
@@ -225,18 +224,8 @@ def _environment() -> dict:
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  env[errors.PARENT_VARIABLE] = str(os.getpid())  # the point's process dies with the study
   return env
-
-
-def _die_with_parent() -> None:
-  """In a point's process, before it starts: the kernel sends it SIGKILL when the study dies,
-  however the study dies (Linux; elsewhere the resumed study's lock check still holds)."""
-  try:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    pass
 
 
 @contextlib.contextmanager
@@ -279,7 +268,7 @@ def run_point(output_dir: str, point: Point, settings: Settings, timeout_s: floa
     log.flush()
     try:
       proc = subprocess.run(_command(arguments), stdout=log, stderr=subprocess.STDOUT,
-                            timeout=timeout_s, env=_environment(), preexec_fn=_die_with_parent)
+                            timeout=timeout_s, env=_environment())
       code = proc.returncode
     except subprocess.TimeoutExpired:
       code = None
@@ -316,8 +305,7 @@ def run_peaks(output_dir: str, settings: Settings) -> dict:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     args = ["--output", path] + (["--backend", settings.backend] if settings.backend else [])
     proc = subprocess.run([sys.executable, "-m", "fathom_jax.peaks", *args],
-                          capture_output=True, text=True, env=_environment(),
-                          preexec_fn=_die_with_parent)
+                          capture_output=True, text=True, env=_environment())
     if proc.returncode != 0:
       raise UsageError(f"measuring the machine's peaks failed: "
                        f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
