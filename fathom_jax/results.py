@@ -6,7 +6,9 @@ diverged loss) is written as the string "NaN", "Infinity" or "-Infinity", which 
 reads and no number can be mistaken for.
 """
 
+import csv
 import datetime
+import io
 import json
 import math
 import os
@@ -30,38 +32,60 @@ def new_run_dir(output_dir: str, workload: str, mode: str, preset: str) -> str:
   return path
 
 
-def write_text_atomic(path: str, text: str) -> None:
-  """Writes through a temporary file in the same folder and renames it, so readers never see
-  a partial file, whatever happens to this process."""
+def _atomically(path: str, write) -> None:
+  """write(descriptor, path) of a temporary file beside `path` (closing the descriptor), then a
+  rename onto `path`, so readers never see a partial file, whatever happens to this process;
+  the file gets the user's umask (mkstemp gives 0600)."""
   folder = os.path.dirname(os.path.abspath(path))
   fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
   try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fchmod(f.fileno(), 0o666 & ~_umask())  # as open() would make it; mkstemp gives 0600
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
-def save_figure(fig, path: str, **savefig_options) -> None:
-  """A matplotlib figure saved whole or not at all, in the format of `path`'s extension."""
-  folder = os.path.dirname(os.path.abspath(path))
-  extension = os.path.splitext(path)[1]
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=extension, dir=folder)
-  os.close(fd)
-  try:
-    fig.savefig(tmp, format=extension.lstrip(".") or None, **savefig_options)
+    write(fd, tmp)
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.unlink(tmp)
     raise
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Text written whole or not at all."""
+  def write(fd, tmp):
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+  _atomically(path, write)
+
+
+def save_figure(fig, path: str, **savefig_options) -> None:
+  """A matplotlib figure saved whole or not at all, in the format of `path`'s extension."""
+  extension = os.path.splitext(path)[1].lstrip(".") or None
+  def write(fd, tmp):
+    os.close(fd)
+    fig.savefig(tmp, format=extension, **savefig_options)
+  _atomically(path, write)
+
+
+def csv_text(rows: Sequence[dict], fields: Optional[Sequence[str]] = None) -> str:
+  """CSV of `rows` under `fields` (default: every key, in order of first appearance); a missing
+  or None value is an empty cell."""
+  fields = list(fields or dict.fromkeys(k for r in rows for k in r))
+  out = io.StringIO()
+  writer = csv.DictWriter(out, fieldnames=fields, extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows(rows)
+  return out.getvalue()
+
+
+def read_json_object(path: str) -> Optional[dict]:
+  """The JSON object in `path`; None where the file is missing, unreadable or damaged."""
+  try:
+    with open(path) as f:
+      value = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return value if isinstance(value, dict) else None
 
 
 def _umask() -> int:

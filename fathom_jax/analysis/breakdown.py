@@ -16,9 +16,7 @@ otherwise dominate the per-step averages of the typical step.
 
 import bisect
 import collections
-import csv
 import dataclasses
-import io
 import os
 import statistics
 from typing import Iterable, Optional
@@ -367,26 +365,18 @@ def write(result: Breakdown, output_dir: str, title: str = "") -> dict[str, str]
   os.makedirs(output_dir, exist_ok=True)
   paths = {name: os.path.join(output_dir, name) for name in (OPS_FILE, BREAKDOWN_FILE,
                                                              FIGURE_FILE)}
-  results.write_text_atomic(paths[OPS_FILE], _csv_text(CSV_FIELDS, result.ops))
-  results.write_text_atomic(os.path.join(output_dir, COMPONENT_FILE), _csv_text(
-      COMPONENT_FIELDS, [{
+  results.write_text_atomic(paths[OPS_FILE], results.csv_text(result.ops, CSV_FIELDS))
+  results.write_text_atomic(os.path.join(output_dir, COMPONENT_FILE), results.csv_text(
+      [{
           "component": v["component"], "pass": v["pass"],
           "time_per_step_ms": v["time_per_step_s"] * 1e3, "share_of_step": v["share_of_step"],
           "flops_per_step": v["flops_per_step"], "bytes_per_step": v["bytes_per_step"],
           "classes": ";".join(f"{c}={t * 1e3:.6g}" for c, t in v["by_class_s"].items())}
-          for v in result.summary["by_component"].values()]))
+          for v in result.summary["by_component"].values()], COMPONENT_FIELDS))
   paths[COMPONENT_FILE] = os.path.join(output_dir, COMPONENT_FILE)
   results.write_json_atomic(paths[BREAKDOWN_FILE], result.summary)
   plot(result.summary, paths[FIGURE_FILE], title)
   return paths
-
-
-def _csv_text(fields: tuple, rows: list[dict]) -> str:
-  out = io.StringIO()
-  writer = csv.DictWriter(out, fieldnames=fields)
-  writer.writeheader()
-  writer.writerows(rows)
-  return out.getvalue()
 
 
 def format_table(summary: dict, title: str = "", top_components: int = 10) -> str:

@@ -14,7 +14,6 @@ steps, with replacement, independently; a fixed seed, so the same inputs give th
 intervals). A difference is flagged only where its interval excludes zero.
 """
 
-import csv
 import dataclasses
 import glob
 import json
@@ -254,7 +253,7 @@ def format_table(rows: list[dict], a: Side, b: Side, top: int = 12) -> str:
 def write(rows: list[dict], a: Side, b: Side, output_dir: str) -> dict[str, str]:
   os.makedirs(output_dir, exist_ok=True)
   paths = {name: os.path.join(output_dir, name) for name in (DIFF_CSV, DIFF_MD, DIFF_FIGURE)}
-  results.write_text_atomic(paths[DIFF_CSV], _csv_text(rows))
+  results.write_text_atomic(paths[DIFF_CSV], results.csv_text(rows, FIELDS))
   md = [f"# {a.workload or 'run'} {a.mode or ''}: B against A", "",
         f"- A: `{a.folder}` ({_described(a)})", f"- B: `{b.folder}` ({_described(b)})",
         f"- method: {_method(a, b)}", ""]
@@ -268,16 +267,6 @@ def write(rows: list[dict], a: Side, b: Side, output_dir: str) -> dict[str, str]
   results.write_text_atomic(paths[DIFF_MD], "\n".join(md))
   plot(rows, paths[DIFF_FIGURE], f"{a.workload or 'run'} {a.mode or ''}: B - A, ms per step")
   return paths
-
-
-def _csv_text(rows: list[dict]) -> str:
-  import io
-  out = io.StringIO()
-  writer = csv.DictWriter(out, fieldnames=FIELDS, extrasaction="ignore")
-  writer.writeheader()
-  for r in rows:
-    writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in FIELDS})
-  return out.getvalue()
 
 
 def plot(rows: list[dict], path: str, title: str) -> None:

@@ -152,51 +152,37 @@ def point_dir(output_dir: str, point_id: str) -> str:
 
 def point_outcome(folder: str) -> Optional[dict]:
   """The finished outcome of a point's folder: {'status', 'run_dir' or 'error'}; None when the
-  point has not finished (never run, killed, interrupted)."""
+  point has not finished (never run, killed, interrupted, or its files are damaged)."""
+  return scan_point(folder)[0]
+
+
+def scan_point(folder: str) -> tuple[Optional[dict], bool]:
+  """(point_outcome, whether the folder holds a run that finished but whose files cannot be
+  read: a result.json that is not a JSON object, or a completed run's breakdown or static
+  analysis). A damaged run is no outcome: the point runs again."""
   note = os.path.join(folder, POINT_FILE)
   if os.path.exists(note):
     with open(note) as f:
-      return json.load(f)
+      return json.load(f), False
+  damaged = False
   for path in sorted(glob.glob(os.path.join(folder, "*", results.RESULT_FILE))):
-    try:
-      with open(path) as f:
-        record = json.load(f)
-    except (OSError, ValueError):
+    record = results.read_json_object(path)
+    if record is None:
+      damaged = True
       continue
-    if not isinstance(record, dict) or record.get("status") not in FINISHED:
+    if record.get("status") not in FINISHED:
       continue
     run_dir = os.path.dirname(path)
     if record["status"] == "completed" and not _analyses_readable(run_dir, record):
-      continue  # a damaged breakdown: the point runs again
-    return {"status": record["status"], "run_dir": run_dir, "error": record.get("error")}
-  return None
-
-
-def damaged(folder: str) -> bool:
-  """Whether a point's folder holds a run that finished but whose files cannot be read: a
-  result.json that is not JSON, or a completed run's breakdown or static analysis."""
-  for path in glob.glob(os.path.join(folder, "*", results.RESULT_FILE)):
-    try:
-      with open(path) as f:
-        record = json.load(f)
-    except ValueError:
-      return True
-    except OSError:
+      damaged = True
       continue
-    if not isinstance(record, dict):
-      return True
-    if record.get("status") == "completed" and not _analyses_readable(os.path.dirname(path),
-                                                                      record):
-      return True
-  return False
+    return {"status": record["status"], "run_dir": run_dir, "error": record.get("error")}, False
+  return None, damaged
 
 
 def _earlier_redone(output_dir: str) -> list:
-  try:
-    with open(os.path.join(output_dir, STUDY_FILE)) as f:
-      return list(json.load(f).get("redone_after_damage", []))
-  except (OSError, ValueError, AttributeError):
-    return []
+  study_file = results.read_json_object(os.path.join(output_dir, STUDY_FILE)) or {}
+  return list(study_file.get("redone_after_damage") or [])
 
 
 def _analyses_readable(run_dir: str, record: dict) -> bool:
@@ -205,14 +191,8 @@ def _analyses_readable(run_dir: str, record: dict) -> bool:
   from fathom_jax.analysis import breakdown, static
   wanted = ([breakdown.BREAKDOWN_FILE] if (record.get("spec") or {}).get("profile") else []) + (
       [static.STATIC_FILE] if record.get("kind") == "target compile" else [])
-  for name in wanted:
-    try:
-      with open(os.path.join(run_dir, name)) as f:
-        if not isinstance(json.load(f), dict):
-          return False
-    except (OSError, ValueError):
-      return False
-  return True
+  return all(results.read_json_object(os.path.join(run_dir, name)) is not None
+             for name in wanted)
 
 
 def _command(arguments: list[str]) -> list[str]:
@@ -291,12 +271,8 @@ def run_point(output_dir: str, point: Point, settings: Settings, timeout_s: floa
 
 
 def _read_peaks(path: str) -> Optional[dict]:
-  try:
-    with open(path) as f:
-      peaks = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return peaks if isinstance(peaks, dict) and "matmul_flops_per_s" in peaks else None
+  peaks = results.read_json_object(path)
+  return peaks if peaks and "matmul_flops_per_s" in peaks else None
 
 
 def run_peaks(output_dir: str, settings: Settings) -> dict:
@@ -351,17 +327,19 @@ def _execute(output_dir: str, settings: Settings, argv: Sequence[str], timeout_s
   results.write_json_atomic(os.path.join(output_dir, STUDY_FILE), study_file)
   run_peaks(output_dir, settings)
   measuring = measuring_points(settings)
+  # Each measuring point's folder read once: its outcome so far, and whether it is damaged.
+  found = {p.id: scan_point(point_dir(output_dir, p.id)) for p in points
+           if measuring[p.id] == p.id}
+  todo = {point_id for point_id, (outcome, _) in found.items() if outcome is None}
   outcomes = {}
   spent: list[float] = []  # seconds of each point run by this call
 
-  def left(i: int) -> str:
-    """The time the points after the i-th will take at the mean pace so far."""
-    todo = sum(1 for p in points[i + 1:] if measuring[p.id] == p.id
-               and point_outcome(point_dir(output_dir, p.id)) is None)
+  def left() -> str:
+    """The time the points still to run will take at the mean pace so far."""
     if not spent or not todo:
       return ""
-    seconds = sum(spent) / len(spent) * todo
-    return (f"; {todo} to run, about "
+    seconds = sum(spent) / len(spent) * len(todo)
+    return (f"; {len(todo)} to run, about "
             + (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min") + " left")
 
   for i, point in enumerate(points):
@@ -370,8 +348,8 @@ def _execute(output_dir: str, settings: Settings, argv: Sequence[str], timeout_s
       say(f"[{i + 1}/{len(points)}] {point.id}: {outcome['status']}, the run of "
           f"{measuring[point.id]}")
       continue
-    outcome = point_outcome(point_dir(output_dir, point.id))
-    if outcome is None and damaged(point_dir(output_dir, point.id)):
+    outcome, damaged = found[point.id]
+    if damaged:
       say(f"[{i + 1}/{len(points)}] {point.id}: its earlier run's files are damaged; running "
           "it again")
       study_file["redone_after_damage"] = sorted(
@@ -383,9 +361,10 @@ def _execute(output_dir: str, settings: Settings, argv: Sequence[str], timeout_s
       start = time.perf_counter()
       outcome = run_point(output_dir, point, settings, timeout_s)
       spent.append(time.perf_counter() - start)
+      todo.discard(point.id)
       error = f": {outcome['error']}" if outcome["status"] != "completed" else ""
       say(f"[{i + 1}/{len(points)}] {point.id}: {outcome['status']} in "
-          f"{spent[-1]:.1f} s{error}{left(i)}")
+          f"{spent[-1]:.1f} s{error}{left()}")
     outcomes[point.id] = outcome
   from fathom_jax.study import report
   path = report.build(output_dir)

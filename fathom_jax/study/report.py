@@ -9,7 +9,6 @@ Each section uses the points that finished; missing or failed ones are listed, n
 import csv
 import dataclasses
 import glob
-import io
 import json
 import os
 from typing import Optional, Sequence
@@ -94,22 +93,11 @@ def load(study_dir: str) -> tuple[dict, list[Run], Optional[dict]]:
           run.status, run.error = "failed", "the run left no op breakdown"
     runs.append(run)
   peaks_path = os.path.join(study_dir, study.RUNS_DIR, study.PEAKS_POINT, "peaks.json")
-  return meta, runs, _json_or_none(peaks_path)
-
-
-def _json_or_none(path: str) -> Optional[dict]:
-  """A JSON object from `path`; None where it is missing or damaged (its point is then
-  redone by the study, and meanwhile reported as missing)."""
-  try:
-    with open(path) as f:
-      value = json.load(f)
-  except (OSError, ValueError):
-    return None
-  return value if isinstance(value, dict) else None
+  return meta, runs, results.read_json_object(peaks_path)
 
 
 def _static(run_dir: str) -> Optional[dict]:
-  return _json_or_none(os.path.join(run_dir, static.STATIC_FILE))
+  return results.read_json_object(os.path.join(run_dir, static.STATIC_FILE))
 
 
 def _breakdown(run_dir: str) -> tuple[Optional[dict], Optional[list]]:
@@ -117,7 +105,7 @@ def _breakdown(run_dir: str) -> tuple[Optional[dict], Optional[list]]:
   ops_path = os.path.join(run_dir, breakdown.OPS_FILE)
   if not (os.path.exists(summary_path) and os.path.exists(ops_path)):
     return None, None
-  summary = _json_or_none(summary_path)
+  summary = results.read_json_object(summary_path)
   if summary is None:
     return None, None
   with open(ops_path, newline="") as f:
@@ -131,12 +119,7 @@ def _breakdown(run_dir: str) -> tuple[Optional[dict], Optional[list]]:
 
 def _write_csv(path: str, rows: list[dict]) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  fields = list(dict.fromkeys(k for r in rows for k in r))
-  out = io.StringIO()
-  writer = csv.DictWriter(out, fieldnames=fields)
-  writer.writeheader()
-  writer.writerows(rows)
-  results.write_text_atomic(path, out.getvalue())
+  results.write_text_atomic(path, results.csv_text(rows))
 
 
 def _fmt(value) -> str:
