@@ -7,9 +7,11 @@ bit or two of float32 rounding, and the same from run to run. Elsewhere programs
 compiles them.
 """
 
+import math
 from typing import Callable, Optional
 
 import jax
+import numpy as np
 
 ONE_SHOT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
 
@@ -109,3 +111,75 @@ def memory_analysis(compiled, names: Optional[tuple[str, ...]] = None) -> dict:
   return {n: int(getattr(stats, n)) for n in names
           if isinstance(getattr(stats, n, None), int)}
 
+
+
+def bytes_needed(memory: dict) -> int:
+  """What a compiled program needs on its device, from its memory figures (memory_analysis):
+  arguments, outputs and temporaries, less the outputs that reuse their arguments' buffers."""
+  return (memory.get("argument_size_in_bytes", 0) + memory.get("output_size_in_bytes", 0)
+          + memory.get("temp_size_in_bytes", 0) - memory.get("alias_size_in_bytes", 0))
+
+
+# Primitives whose results XLA keeps in a buffer of their own wherever they occur: a matrix
+# product's or a convolution's output, and a loop's carried and stacked values.
+_MATERIALISED = ("dot_general", "conv_general_dilated", "scan", "while")
+
+
+def _value_bytes(aval) -> int:
+  shape, dtype = getattr(aval, "shape", None), getattr(aval, "dtype", None)
+  if shape is None or dtype is None:
+    return 0
+  try:
+    itemsize = np.dtype(dtype).itemsize
+  except TypeError:  # an extended dtype (a PRNG key): its data, not its Python object
+    itemsize = getattr(dtype, "itemsize", 8)
+  return math.prod(shape) * itemsize
+
+
+def _sub_jaxprs(params: dict):
+  for value in params.values():
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+      inner = getattr(item, "jaxpr", item)  # a ClosedJaxpr holds its Jaxpr
+      if hasattr(inner, "eqns"):
+        yield inner
+
+
+def largest_materialised_bytes(jaxpr) -> int:
+  """The largest value among the results of the ops XLA always materialises (_MATERIALISED),
+  anywhere in `jaxpr` (a Jaxpr or ClosedJaxpr), loop and function bodies included."""
+  jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
+  largest = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name in _MATERIALISED:
+      largest = max([largest] + [_value_bytes(v.aval) for v in eqn.outvars])
+    for inner in _sub_jaxprs(eqn.params):
+      largest = max(largest, largest_materialised_bytes(inner))
+  return largest
+
+
+def _used_inputs(jaxpr) -> list:
+  """For each input of `jaxpr`, whether any op or output reads it: jit drops the others from
+  the compiled program, so they take no memory."""
+  read = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+  read |= {id(v) for v in jaxpr.outvars}
+  return [id(v) in read for v in jaxpr.invars]
+
+
+def memory_floor_bytes(jaxpr, args: tuple, sharded_argnums: tuple, num_devices: int = 1) -> int:
+  """A lower bound, from shapes alone, of the memory one device needs to run the traced `jaxpr`
+  of a function of `args`: the arguments it reads (those in `sharded_argnums` split across
+  `num_devices`, the others whole on every device) and, live beside them, the largest value it
+  materialises, taken as split too. Fusion can keep other values out of memory, so nothing else
+  counts; the compiler's own figure is never lower. It takes a trace, not a compile, so a batch
+  that cannot fit is refused in seconds."""
+  inner = getattr(jaxpr, "jaxpr", jaxpr)
+  leaves = [(i in sharded_argnums, leaf) for i, arg in enumerate(args)
+            for leaf in jax.tree.leaves(arg)]
+  used = _used_inputs(inner)
+  if len(used) != len(leaves):  # not this function's trace: count every argument
+    used = [True] * len(leaves)
+  whole = sum(_value_bytes(leaf) for (split, leaf), read in zip(leaves, used)
+              if read and not split)
+  split = sum(_value_bytes(leaf) for (split, leaf), read in zip(leaves, used) if read and split)
+  split += largest_materialised_bytes(inner)
+  return whole + -(-split // max(num_devices, 1))

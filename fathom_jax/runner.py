@@ -200,11 +200,6 @@ def _batches(source, batch_size: int, seed: int, train: bool) -> Iterator:
   return data_lib.prefetch(iterator)
 
 
-def _needed_bytes(memory: dict) -> int:
-  return (memory.get("argument_size_in_bytes", 0) + memory.get("output_size_in_bytes", 0)
-          + memory.get("temp_size_in_bytes", 0) - memory.get("alias_size_in_bytes", 0))
-
-
 def _available_bytes(device) -> Optional[int]:
   """What one device can hold: its allocator's limit, or the host's free memory for the CPU."""
   try:
@@ -219,9 +214,13 @@ def _available_bytes(device) -> Optional[int]:
 
 
 def _out_of_memory(spec: RunSpec, batch_size: int, needed: Optional[int],
-                   available: Optional[int]) -> RunFailed:
-  need = (f"the compiler says the step needs {results.si(needed, 'B')}" if needed
-          else "memory exhausted")
+                   available: Optional[int], source: str = "the compiler") -> RunFailed:
+  """`source` says where `needed` comes from: the compiler's figures, or the step's shapes
+  (compiling.memory_floor_bytes, a lower bound)."""
+  need = ("memory exhausted" if not needed
+          else f"the compiler says the step needs {results.si(needed, 'B')}"
+          if source == "the compiler"
+          else f"by {source} the step needs at least {results.si(needed, 'B')}")
   have = f", the device has {results.si(available, 'B')} free" if available else ""
   return RunFailed(f"out of memory: {spec.workload} {spec.mode} at batch {batch_size}: {need}"
                    f"{have}; try a smaller --batch_size")
@@ -289,7 +288,7 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
     if not _is_oom(e):
       raise
     memory = figures.get("compiled_memory", {})
-    failure = _out_of_memory(spec, batch_size, _needed_bytes(memory) or None,
+    failure = _out_of_memory(spec, batch_size, compiling.bytes_needed(memory) or None,
                              _available_bytes(device))
     record.update(status="failed", error=str(failure))
     raise failure from None
@@ -349,14 +348,21 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
     args_shape = (variables_shape, batch_shape, key_shape)
   pause_at("compile")
   say(f"compiling the {'train' if train else 'inference'} step")
+  t_trace = time.perf_counter()
+  traced = step_fn.trace(*args_shape)
+  # A batch that cannot fit is refused from the shapes, before minutes of compiling.
+  figures["memory_floor_bytes"] = compiling.memory_floor_bytes(
+      traced.jaxpr, args_shape, sharded_argnums=(1,), num_devices=placement.num_devices)
+  available = _available_bytes(device)
+  if available is not None and figures["memory_floor_bytes"] > available:
+    raise _out_of_memory(spec, batch_size, figures["memory_floor_bytes"], available, "its shapes")
   init_fn = functools.partial(model_steps.init_train_state, model) if train else model.init
   # The one-shot program that makes the parameters compiles beside the step (XLA's compiler
   # releases the GIL): where a core is free, its compile time is hidden behind the step's.
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
     init_program = pool.submit(_timed, compiling.compile_once, init_fn, key_shape, batch_shape,
                                platform=device.platform, out_shardings=replicated)
-    t0 = time.perf_counter()
-    lowered = step_fn.lower(*args_shape)
+    lowered = traced.lower()
     t1 = time.perf_counter()
     # Eager runs compile too: the compiled program's cost and memory analyses describe the step.
     compiled, dropped = compiling.compile_step(
@@ -367,15 +373,15 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
   if dropped:
     figures["compiler_options_dropped"] = dropped
     say(f"this XLA does not take the model's options ({dropped['error']}); compiled without them")
-  say(f"compiled in {t2 - t0:.2f} s (lower {t1 - t0:.2f} s, compile {t2 - t1:.2f} s)")
+  say(f"compiled in {t2 - t_trace:.2f} s (lower {t1 - t_trace:.2f} s, compile {t2 - t1:.2f} s)")
   cost = compiling.cost_analysis(compiled)
   figures.update(
-      lower_time_s=t1 - t0, compile_time_s=t2 - t1, flops_per_step=cost.get("flops"),
+      lower_time_s=t1 - t_trace, compile_time_s=t2 - t1, flops_per_step=cost.get("flops"),
       flops_source="xla_cost_analysis", bytes_accessed_per_step=cost.get("bytes accessed"),
       compiled_memory=compiling.memory_analysis(compiled, COMPILED_MEMORY))
-  needed, available = _needed_bytes(figures["compiled_memory"]), _available_bytes(device)
+  needed = compiling.bytes_needed(figures["compiled_memory"])
   if available is not None and needed > available:
-    raise _out_of_memory(spec, batch_size, needed, available)
+    raise _out_of_memory(spec, batch_size, needed, available, "the compiler")
 
   pause_at("data")
   t0 = time.perf_counter()

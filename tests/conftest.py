@@ -56,12 +56,13 @@ def forked_cli():
 @pytest.fixture(scope="session", autouse=True)
 def every_result_file_follows_the_schema(tmp_path_factory):
   """After the session, every result.json the suite's runs wrote (under this process's temporary
-  folders) is validated against the package's JSON Schema, and is strict JSON."""
+  folders) is validated against the package's JSON Schema, is strict JSON, and has a memory floor
+  no higher than the compiler's figure."""
   yield
   import glob
   import json
   import jsonschema
-  from fathom_jax import results
+  from fathom_jax import compiling, results
   with open(results.SCHEMA_FILE) as f:
     validator = jsonschema.Draft202012Validator(json.load(f))
   base = str(tmp_path_factory.getbasetemp())
@@ -75,6 +76,12 @@ def every_result_file_follows_the_schema(tmp_path_factory):
       problems.append(f"{path}: {e}")
       continue
     problems += [f"{path}: {e.json_path}: {e.message}" for e in validator.iter_errors(record)]
+    # The floor from the shapes is a lower bound of what the compiler then asked for.
+    figures = record.get("figures", {})
+    if figures.get("compiled_memory") and "memory_floor_bytes" in figures:
+      needed = compiling.bytes_needed(figures["compiled_memory"])
+      if figures["memory_floor_bytes"] > needed:
+        problems.append(f"{path}: memory floor {figures['memory_floor_bytes']} > {needed}")
   assert not problems, "result files that break the schema:\n" + "\n".join(problems[:20])
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from fathom_jax import runner
+from fathom_jax import compiling, runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,15 +55,30 @@ def test_allow_nonfinite_continues(tmp_path):
   assert record["figures"]["nonfinite_steps"] == [2, 3, 4]
 
 
-def test_batch_too_large_for_memory_is_explained(tmp_path):
-  code, _, err = _run("--workload=autoenc", "--preset=paper", "--batch_size=20000000",
-                      f"--output_dir={tmp_path}")
+def test_batch_too_large_for_memory_is_refused_before_compiling(tmp_path):
+  code, out, err = _run("--workload=autoenc", "--preset=paper", "--batch_size=20000000",
+                        f"--output_dir={tmp_path}")
   assert code == 1
   line, = err.strip().splitlines()
-  assert line.startswith("error: out of memory: autoenc train at batch 20000000: the compiler "
-                         "says the step needs ")
+  assert line.startswith("error: out of memory: autoenc train at batch 20000000: by its shapes "
+                         "the step needs at least ")
   assert "free; try a smaller --batch_size" in line
-  assert _only_result(tmp_path)["status"] == "failed"
+  assert "compiled in" not in out
+  record = _only_result(tmp_path)
+  assert record["status"] == "failed" and "compile_time_s" not in record["figures"]
+  assert record["figures"]["memory_floor_bytes"] > 20000000 * 784 * 4  # the input alone
+
+
+def test_the_compilers_memory_figure_refuses_what_the_shapes_let_through(monkeypatch):
+  spec = runner.RunSpec(workload="memnet", steps=1, warmup_steps=0, output_dir=None, quiet=True)
+  figures = runner.execute(spec)["figures"]
+  floor, needed = figures["memory_floor_bytes"], compiling.bytes_needed(figures["compiled_memory"])
+  assert 0 < floor < needed
+  for free, expected in ((floor - 1, "by its shapes the step needs at least"),
+                         ((floor + needed) // 2, "the compiler says the step needs")):
+    monkeypatch.setattr(runner, "_available_bytes", lambda device, free=free: free)
+    with pytest.raises(runner.RunFailed, match=expected):
+      runner.execute(spec)
 
 
 def _wait_for(proc, text: str, timeout: float = 120) -> None:

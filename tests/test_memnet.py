@@ -123,8 +123,8 @@ def test_malformed_story_skipped_and_counted(tmp_path):
 
 
 def test_skipped_stories_in_the_run_summary(tmp_path):
-  stories = "".join(f"1 Mary moved.\n2 Where is Mary? \tbathroom\t1\n" for _ in range(3))
-  broken = "".join(f"1 Sandra ran.\nnoid\n2 Where is Sandra?\tgarden\t1\n" for _ in range(7))
+  stories = "".join("1 Mary moved.\n2 Where is Mary? \tbathroom\t1\n" for _ in range(3))
+  broken = "".join("1 Sandra ran.\nnoid\n2 Where is Sandra?\tgarden\t1\n" for _ in range(7))
   (tmp_path / "qa1_train.txt").write_text(stories + broken)
   record = runner.execute(runner.RunSpec(workload="memnet", preset="tiny", data=str(tmp_path),
                                          steps=1, warmup_steps=0, output_dir=None, quiet=True,
