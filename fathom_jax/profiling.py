@@ -49,6 +49,16 @@ def save_programs(run_dir: str, lowered, compiled) -> dict[str, str]:
   return paths
 
 
+def publish_trace(written: str, logdir: str) -> None:
+  """Moves the profiling sessions the profiler finished writing under `written` into `logdir`,
+  each folder in one rename, so a reader sees a session whole or not at all."""
+  sessions = os.path.join("plugins", "profile")
+  for session in sorted(glob.glob(os.path.join(written, sessions, "*"))):
+    target = os.path.join(logdir, sessions)
+    os.makedirs(target, exist_ok=True)
+    os.replace(session, os.path.join(target, os.path.basename(session)))
+
+
 def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[], Any],
             run: Callable[[Any], Any], programs: Optional[tuple[Any, Any]],
             unprofiled_times: list[float],
@@ -66,7 +76,9 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
   from fathom_jax.analysis import breakdown, components
 
   keep = run_dir is not None
-  trace_dir = run_dir if keep else tempfile.mkdtemp(prefix="fathom-profile-")
+  # The profiler writes its trace itself, not whole-or-nothing: into a hidden folder, whose
+  # sessions move into the run folder once written (readers' globs skip hidden folders).
+  trace_dir = tempfile.mkdtemp(prefix=".tmp-trace-" if keep else "fathom-profile-", dir=run_dir)
   if keep and programs is not None:
     save_programs(run_dir, *programs)
   options = jax.profiler.ProfileOptions()
@@ -88,8 +100,9 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
           times.append(time.perf_counter() - start)
           faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
   finally:
-    if not keep:
-      shutil.rmtree(trace_dir, ignore_errors=True)
+    if keep:
+      publish_trace(trace_dir, run_dir)
+    shutil.rmtree(trace_dir, ignore_errors=True)
   profiled, unprofiled = results.percentiles(times), results.percentiles(unprofiled_times)
   # Medians, and minima, which a busy machine disturbs less.
   summary = {"step_times_s": times, "step_time_s": profiled,

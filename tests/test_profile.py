@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from fathom_jax import cli, profiling
-from fathom_jax.analysis import breakdown, categories
+from fathom_jax.analysis import breakdown, categories, trace
+from fathom_jax.errors import DataError
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +39,7 @@ def test_run_folder_layout(profiled):
   assert record["status"] == "completed" and record["spec"]["profile"] is True
   # TensorBoard's profile plugin reads <logdir>/plugins/profile/<session>/<host>.xplane.pb.
   assert len(glob.glob(os.path.join(run_dir, "plugins", "profile", "*", "*.xplane.pb"))) == 1
+  assert not [n for n in os.listdir(run_dir) if n.startswith(".")]  # no temporary left
   hlo_dir = os.path.join(run_dir, profiling.HLO_DIR)
   assert sorted(os.listdir(hlo_dir)) == ["jit_train_step.analysis.json",
                                          "jit_train_step.optimized.hlo.txt",
@@ -53,6 +55,22 @@ def test_run_folder_layout(profiled):
   # The result file is the one written at the end, with the breakdown's summary in it.
   summary = json.load(open(os.path.join(run_dir, breakdown.BREAKDOWN_FILE)))
   assert record["figures"]["profile"]["coverage"] == pytest.approx(summary["coverage"])
+
+
+def test_a_trace_is_seen_only_once_the_profiler_finished_it(profiled, tmp_path):
+  _, run_dir = profiled
+  (session,) = glob.glob(os.path.join(run_dir, "plugins", "profile", "*"))
+  (xplane,) = [n for n in os.listdir(session) if n.endswith(trace.XPLANE_SUFFIX)]
+  # The profiler's folder of a run killed while it wrote: a cut trace in a newer session.
+  cut = os.path.join(tmp_path, ".tmp-trace-x", "plugins", "profile", "2999_12_31_23_59_59")
+  os.makedirs(cut)
+  with open(os.path.join(session, xplane), "rb") as f, open(os.path.join(cut, xplane), "wb") as g:
+    g.write(f.read(1000))
+  with pytest.raises(DataError, match="no \\*.xplane.pb trace under this folder"):
+    trace.find_xplanes(str(tmp_path))
+  profiling.publish_trace(os.path.join(tmp_path, ".tmp-trace-x"), str(tmp_path))
+  assert trace.find_xplanes(str(tmp_path)) == [
+      os.path.join(tmp_path, "plugins", "profile", "2999_12_31_23_59_59", xplane)]
 
 
 def test_step_times_with_and_without_profiling(profiled):
