@@ -53,6 +53,21 @@ def describe_os_error(e: OSError) -> str:
   return f"{cause}: {e.filename}" if e.filename else cause
 
 
+def os_error_in(message: str):
+  """The OSError that a native library's error message reports by its C library text (XLA's
+  profiler: 'RESOURCE_EXHAUSTED: <path>; No space left on device'), or None: a full disk must not
+  read as memory exhausted."""
+  for number in _ENVIRONMENT_ERRNOS:
+    text = os.strerror(number)
+    at = message.find(text)
+    if at < 0:
+      continue
+    before = message[:at].rstrip("; :")
+    path = before.rsplit(": ", 1)[-1] if ": " in before else None
+    return OSError(number, text, path or None)
+  return None
+
+
 def debugging(flag: bool = False) -> bool:
   return flag or os.environ.get("FATHOM_JAX_DEBUG", "") not in ("", "0")
 
@@ -117,6 +132,9 @@ def one_line_errors(debug: bool = False, interrupted: str = "", defer_signals: b
   except Exception as e:  # a bug, or a failure no one foresaw: still one line, unless asked
     if debugging(debug):
       traceback.print_exc()
+    cause = os_error_in(str(e))
+    if cause is not None:
+      _exit(f"error: {describe_os_error(cause)}", EXIT_ENVIRONMENT)
     first = (str(e).splitlines() or [""])[0]
     _exit(f"error: {type(e).__name__}: {first} (--debug or FATHOM_JAX_DEBUG=1 shows the "
           "traceback)", EXIT_ENVIRONMENT)

@@ -89,19 +89,22 @@ def capture(run_dir: Optional[str], mode: str, steps: int, prepare: Callable[[],
   times, faults = [], []
   try:
     # Kept freed memory fragments under the profiler (see host_memory.large_blocks_returned).
-    with host_memory.large_blocks_returned(), \
-        jax.profiler.trace(trace_dir, profiler_options=options):
-      for i in range(steps):
-        inputs = prepare()
-        with jax.profiler.StepTraceAnnotation(mode, step_num=i):
-          before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-          start = time.perf_counter()
-          run(inputs)
-          times.append(time.perf_counter() - start)
-          faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    with host_memory.large_blocks_returned():
+      jax.profiler.start_trace(trace_dir, profiler_options=options)
+      try:
+        for i in range(steps):
+          inputs = prepare()
+          with jax.profiler.StepTraceAnnotation(mode, step_num=i):
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            run(inputs)
+            times.append(time.perf_counter() - start)
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+      finally:
+        jax.profiler.stop_trace()  # writes the trace; raises where it could not (a full disk)
+        if keep:  # the trace of the steps that ran, interrupted or not
+          publish_trace(trace_dir, run_dir)
   finally:
-    if keep:
-      publish_trace(trace_dir, run_dir)
     shutil.rmtree(trace_dir, ignore_errors=True)
   profiled, unprofiled = results.percentiles(times), results.percentiles(unprofiled_times)
   # Medians, and minima, which a busy machine disturbs less.

@@ -42,9 +42,11 @@ def _atomically(path: str, write) -> None:
     write(fd, tmp)
     os.chmod(tmp, 0o666 & ~_umask())
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.unlink(tmp)
+    if isinstance(e, OSError) and not e.filename:  # a write to the descriptor names no file
+      raise OSError(e.errno, e.strerror, path) from None
     raise
 
 

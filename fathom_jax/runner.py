@@ -285,6 +285,10 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
     record.update(status="interrupted", error="interrupted by the user")
     raise
   except jax.errors.JaxRuntimeError as e:
+    cause = errors.os_error_in(str(e))  # a full disk reads RESOURCE_EXHAUSTED too
+    if cause is not None:
+      record.update(status="failed", error=errors.describe_os_error(cause))
+      raise cause from None
     if not _is_oom(e):
       raise
     memory = figures.get("compiled_memory", {})

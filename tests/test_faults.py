@@ -2,6 +2,7 @@
 locked study folders, damaged files redone, and random flag values that never give a traceback."""
 
 import errno
+import json
 import os
 import signal
 import string
@@ -90,6 +91,70 @@ def test_every_failure_is_one_line_with_its_status(error, status, words, capsys,
   assert "memory" not in err or isinstance(error, MemoryError)
 
 
+@pytest.mark.parametrize("message, number, path", [
+    ("RESOURCE_EXHAUSTED: /r/plugins/profile/s/vm.xplane.pb; No space left on device",
+     errno.ENOSPC, "/r/plugins/profile/s/vm.xplane.pb"),
+    ("INTERNAL: Permission denied", errno.EACCES, None),
+    ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00GiB", None, None),
+])
+def test_a_native_libraries_file_error_is_read_as_one(message, number, path):
+  """XLA's profiler reports a full disk as RESOURCE_EXHAUSTED, the status memory exhaustion has
+  too: the C library's text tells them apart."""
+  cause = errors.os_error_in(message)
+  assert (cause.errno, cause.filename) == (number, path) if number else cause is None
+
+
+def _can_mount_a_tmpfs() -> bool:
+  try:
+    return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k t /mnt"],
+                          capture_output=True, timeout=30).returncode == 0
+  except (OSError, subprocess.SubprocessError):
+    return False
+
+
+# Lists the small file system before its namespace ends: one JSON line per file.
+_LIST_FILES = """
+import json, os, sys
+for folder, _, names in os.walk(sys.argv[1]):
+  for name in names:
+    path = os.path.join(folder, name)
+    text = open(path, errors="replace").read() if name.endswith(".json") else None
+    print(json.dumps({"path": path, "size": os.path.getsize(path), "json": text}))
+"""
+
+
+@pytest.mark.skipif(not _can_mount_a_tmpfs(),
+                    reason="needs unshare and mount in a user namespace for a small tmpfs")
+@pytest.mark.parametrize("size, where, trace_kept", [("600k", "xplane.pb", False),
+                                                     ("840k", "", True)])
+def test_a_small_file_system_fills_during_a_profiled_run(size, where, trace_kept, tmp_path):
+  """A real full disk (a tmpfs in a mount namespace of the test's own): the profiler's trace
+  (XLA writes it) or the analysis after it (ours) meets ENOSPC. One line naming the cause,
+  exit 1, and every file left in the run folder is whole."""
+  mount = tmp_path / "small"
+  mount.mkdir()
+  script = tmp_path / "list_files.py"
+  script.write_text(_LIST_FILES)
+  commands = (f"mount -t tmpfs -o size={size} t {mount} || exit 99; "
+              f"{sys.executable} {os.path.join(ROOT, 'run.py')} --workload=memnet --preset=tiny "
+              f"--profile --steps=2 --warmup_steps=0 --quiet --output_dir={mount}/runs "
+              f">/dev/null; echo $? >&2; {sys.executable} {script} {mount}")
+  proc = subprocess.run(["unshare", "-rm", "sh", "-c", commands], capture_output=True,
+                        text=True, timeout=300)
+  line, status = proc.stderr.strip().splitlines()
+  assert status == "1" and line.startswith("error: no space left on the device: "), proc.stderr
+  assert where in line
+  files = [json.loads(l) for l in proc.stdout.splitlines()]
+  assert files and not [f for f in files if os.path.basename(f["path"]).startswith(".")]
+  traces = [f for f in files if f["path"].endswith(".xplane.pb")]
+  assert bool(traces) == trace_kept and all(f["size"] > 0 for f in traces)
+  for f in files:  # every file whole: the JSON files parse
+    if f["json"] is not None:
+      record = json.loads(f["json"])
+      if f["path"].endswith(results.RESULT_FILE):
+        assert record["status"] == "failed" and "no space left" in record["error"]
+
+
 def test_debug_shows_the_traceback(capsys, monkeypatch):
   monkeypatch.setenv("FATHOM_JAX_DEBUG", "1")
   with pytest.raises(SystemExit):
@@ -126,7 +191,8 @@ def test_a_full_disk_mid_run_leaves_no_partial_file(tmp_path, monkeypatch):
   with pytest.raises(OSError) as e:
     runner.execute(spec)
   assert e.value.errno == errno.ENOSPC
-  assert "no space left" in errors.describe_os_error(e.value)
+  assert errors.describe_os_error(e.value).startswith("no space left on the device: ")
+  assert e.value.filename.endswith("result.json")
   (run_dir,) = os.listdir(tmp_path)
   assert os.listdir(tmp_path / run_dir) == []  # no result.json, no temporary
 
