@@ -296,6 +296,9 @@ def execute(spec: RunSpec, resolved: Optional[Resolved] = None) -> dict:
                              _available_bytes(device))
     record.update(status="failed", error=str(failure))
     raise failure from None
+  except OSError as e:  # the environment's (a full disk): named for its cause, as on stderr
+    record.update(status="failed", error=errors.describe_os_error(e))
+    raise
   except Exception as e:
     record.update(status="failed", error=f"{type(e).__name__}: {e}".splitlines()[0])
     raise
