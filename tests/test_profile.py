@@ -5,6 +5,7 @@ import csv
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -185,6 +186,20 @@ def test_breakdown_command_reproduces_the_run(profiled, tmp_path, capsys):
   share = lambda s: {k: v["share_of_step"] for k, v in s["by_class"].items()}
   assert share(again) == pytest.approx(share(first))
   assert again["coverage"] == pytest.approx(first["coverage"])
+  assert "note:" not in capsys.readouterr().out
+
+
+def test_breakdown_of_an_interrupted_run_says_so(profiled, tmp_path, capsys):
+  from fathom_jax.analysis import __main__ as command
+  record, run_dir = profiled
+  copy = tmp_path / "run"
+  shutil.copytree(run_dir, copy)
+  (copy / "result.json").write_text(json.dumps(
+      {**record, "status": "interrupted", "error": "interrupted by the user"}))
+  assert command.main(["breakdown", str(copy)]) == 0
+  first = capsys.readouterr().out.splitlines()[0]
+  assert first == (f"note: the run in {copy} is interrupted (interrupted by the user); the "
+                   "breakdown covers the steps its trace holds")
 
 
 def test_profile_flag():

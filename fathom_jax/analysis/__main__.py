@@ -63,6 +63,9 @@ def main(argv=None) -> int:
       return _diff(args, depth)
     if args.output_dir:
       flagparse.check_output_dir(args.output_dir)
+    unfinished = _unfinished_run(args.trace_dir)
+    if unfinished:
+      print(f"note: {unfinished}; the breakdown covers the steps its trace holds", flush=True)
     hlo_files = args.hlo + hlo_beside(args.trace_dir)
     output_dir = args.output_dir or (args.trace_dir if os.path.isdir(args.trace_dir)
                                      else os.path.dirname(os.path.abspath(args.trace_dir)))
@@ -74,6 +77,17 @@ def main(argv=None) -> int:
     for path in paths.values():
       print(f"  wrote {path}")
     return 0
+
+
+def _unfinished_run(trace_dir: str) -> str:
+  """Where `trace_dir` is a run folder whose result.json says it did not complete, what it
+  says; otherwise '' (a completed run, or any other program's trace folder)."""
+  from fathom_jax import results
+  record = results.read_json_object(os.path.join(trace_dir, results.RESULT_FILE))
+  if not record or record.get("status") in ("completed", None):
+    return ""
+  return (f"the run in {trace_dir} is {record['status']}"
+          + (f" ({record['error']})" if record.get("error") else ""))
 
 
 def _diff(args, depth) -> int:
