@@ -90,6 +90,15 @@ def read_json_object(path: str) -> Optional[dict]:
   return value if isinstance(value, dict) else None
 
 
+def unfinished(record: dict) -> str:
+  """What a run's result record says of a run that did not complete ('interrupted (…)'), or ''
+  for a completed one."""
+  if record.get("status") == "completed":
+    return ""
+  return (record.get("status", "of unknown status")
+          + (f" ({record['error']})" if record.get("error") else ""))
+
+
 def _umask() -> int:
   """This process's umask, read without changing it (Linux), else the usual 022."""
   try:

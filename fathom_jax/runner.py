@@ -214,13 +214,12 @@ def _available_bytes(device) -> Optional[int]:
 
 
 def _out_of_memory(spec: RunSpec, batch_size: int, needed: Optional[int],
-                   available: Optional[int], source: str = "the compiler") -> RunFailed:
-  """`source` says where `needed` comes from: the compiler's figures, or the step's shapes
-  (compiling.memory_floor_bytes, a lower bound)."""
+                   available: Optional[int], from_shapes: bool = False) -> RunFailed:
+  """`needed` is the compiler's figure, or with `from_shapes` the lower bound from the step's
+  shapes (compiling.memory_floor_bytes)."""
   need = ("memory exhausted" if not needed
-          else f"the compiler says the step needs {results.si(needed, 'B')}"
-          if source == "the compiler"
-          else f"by {source} the step needs at least {results.si(needed, 'B')}")
+          else f"by its shapes the step needs at least {results.si(needed, 'B')}" if from_shapes
+          else f"the compiler says the step needs {results.si(needed, 'B')}")
   have = f", the device has {results.si(available, 'B')} free" if available else ""
   return RunFailed(f"out of memory: {spec.workload} {spec.mode} at batch {batch_size}: {need}"
                    f"{have}; try a smaller --batch_size")
@@ -362,7 +361,8 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
       traced.jaxpr, args_shape, sharded_argnums=(1,), num_devices=placement.num_devices)
   available = _available_bytes(device)
   if available is not None and figures["memory_floor_bytes"] > available:
-    raise _out_of_memory(spec, batch_size, figures["memory_floor_bytes"], available, "its shapes")
+    raise _out_of_memory(spec, batch_size, figures["memory_floor_bytes"], available,
+                         from_shapes=True)
   init_fn = functools.partial(model_steps.init_train_state, model) if train else model.init
   # The one-shot program that makes the parameters compiles beside the step (XLA's compiler
   # releases the GIL): where a core is free, its compile time is hidden behind the step's.
@@ -388,7 +388,7 @@ def _measure(spec: RunSpec, model: base.Model, source, batch_size: int,
       compiled_memory=compiling.memory_analysis(compiled, COMPILED_MEMORY))
   needed = compiling.bytes_needed(figures["compiled_memory"])
   if available is not None and needed > available:
-    raise _out_of_memory(spec, batch_size, needed, available, "the compiler")
+    raise _out_of_memory(spec, batch_size, needed, available)
 
   pause_at("data")
   t0 = time.perf_counter()

@@ -84,10 +84,9 @@ def _unfinished_run(trace_dir: str) -> str:
   says; otherwise '' (a completed run, or any other program's trace folder)."""
   from fathom_jax import results
   record = results.read_json_object(os.path.join(trace_dir, results.RESULT_FILE))
-  if not record or record.get("status") in ("completed", None):
+  if not record or "status" not in record or not results.unfinished(record):
     return ""
-  return (f"the run in {trace_dir} is {record['status']}"
-          + (f" ({record['error']})" if record.get("error") else ""))
+  return f"the run in {trace_dir} is {results.unfinished(record)}"
 
 
 def _diff(args, depth) -> int:

@@ -88,10 +88,9 @@ def read_side(path: str, label: str) -> Side:
   folder = _run_folder(path)
   record_path = os.path.join(folder, results.RESULT_FILE)
   record = _read_json(record_path) if os.path.exists(record_path) else {}
-  if record and record.get("status") != "completed":
-    raise DataError(f"{folder}: the run is {record.get('status', 'of unknown status')}"
-                    + (f" ({record['error']})" if record.get("error") else "")
-                    + "; a diff compares completed runs")
+  if record and results.unfinished(record):
+    raise DataError(f"{folder}: the run is {results.unfinished(record)}; a diff compares "
+                    "completed runs")
   static_path = os.path.join(folder, static.STATIC_FILE)
   if os.path.exists(static_path):
     estimate = _read_json(static_path)
